@@ -1,0 +1,28 @@
+# The README's commands. Each one creates the environment itself on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo train test lint bench
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/install_torch.sh
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	bash scripts/install_torch.sh $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+# The default job: train on the bundled Shakespeare for about 5 minutes, evaluate, sample.
+demo train: setup
+	$(BIN)/lmforge train
+
+test: setup
+	$(BIN)/ruff check lmforge tests benchmarks
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check lmforge tests benchmarks
+	$(BIN)/ruff format --check lmforge tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/generation.py

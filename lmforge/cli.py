@@ -1,0 +1,71 @@
+"""`lmforge <verb>`: each verb is a module exposing `add_arguments(parser)` and `run(args)`.
+
+User errors (LmforgeError, missing files) print one line and exit 1; `--debug` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from lmforge.common import LmforgeError
+
+# verb -> (module providing add_arguments/run, one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "train": ("lmforge.train.cli", "pretrain a model (no arguments: the default Shakespeare job)"),
+    "generate": ("lmforge.engine_cli", "generate text from a checkpoint"),
+    "export": ("lmforge.model.hf_cli", "export a checkpoint to Hugging Face format"),
+    "import": ("lmforge.model.hf_cli", "import a Hugging Face model folder as a checkpoint"),
+    "prepare": ("lmforge.data.pipeline", "raw sources -> cleaned, deduplicated token shards"),
+    "tokenizer": ("lmforge.tokenizer_cli", "train a BPE tokenizer (`lmforge tokenizer train`)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmforge",
+        description="lmforge: raw text in, a trained, evaluated, servable language model out.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, (module_name, help_text) in VERBS.items():
+        p = sub.add_parser(
+            verb,
+            help=help_text,
+            description=help_text,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        module = importlib.import_module(module_name)
+        module.add_arguments(p, verb)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        parser = build_parser()
+        args, unknown = parser.parse_known_args(argv)
+        if args.verb is None:
+            parser.print_help()
+            return 0
+        args.extra = unknown
+        if unknown and not getattr(args, "accepts_overrides", False):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return int(args._run(args) or 0)
+    except LmforgeError as e:
+        if debug:
+            raise
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lmforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""The one decoder-only transformer. GPT-2 and Llama are configurations of it (ModelConfig).
+
+Written for one device; data/tensor/pipeline parallelism and compilation are applied from
+outside (lmforge/train/distributed.py). Shapes: B batch, T new tokens, S keys (cache + new),
+nh query heads, nkv key/value heads, hd head dim, d model dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lmforge.config import ModelConfig
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, filled left to right by prefill and decode.
+
+    Rows of a batch share one length; prompts of different lengths are left-padded and the
+    padding is hidden by the attention mask the caller passes to GPT.forward.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (cfg.n_layer, batch_size, cfg.kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nkv, max_len, hd)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0  # positions filled so far
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's (B, nkv, T, hd) keys/values; return all so far, (B, nkv, S, hd)."""
+        start, end = self.length, self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def sinusoidal_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Vaswani et al.'s fixed encoding: (B, T) positions -> (B, T, dim), sin/cos interleaved."""
+    inv_freq = torch.exp(
+        torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) * (-math.log(10000.0) / dim)
+    )
+    angles = positions[..., None].float() * inv_freq  # (B, T, dim/2)
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a whole residual branch per sample, scaling survivors by 1/keep."""
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty(x.size(0), *([1] * (x.dim() - 1))).bernoulli_(keep)
+        return x * mask / keep
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.nh, self.nkv, self.hd = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, mask, kv_cache: KVCache | None) -> torch.Tensor:
+        B, T, d = x.shape
+        q, k, v = self.qkv(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
+        q = q.view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        if rope is not None:
+            cos, sin = rope  # (B, 1, T, hd)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)  # (B, nkv, S, hd)
+        if self.nkv != self.nh:
+            k = k.repeat_interleave(self.nh // self.nkv, dim=1)  # (B, nh, S, hd)
+            v = v.repeat_interleave(self.nh // self.nkv, dim=1)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=None if isinstance(mask, bool) else mask,
+            is_causal=mask is True,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, d)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    """GPT-2's fc -> GELU -> proj, or Llama's SwiGLU (gate and up fused into one matmul)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.mlp
+        hidden = cfg.ffn_dim
+        if self.kind == "swiglu":
+            self.gate_up = nn.Linear(cfg.d_model, 2 * hidden, bias=cfg.bias)
+        else:
+            self.fc = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
+        self.proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            gate, up = self.gate_up(x).chunk(2, dim=-1)  # (B, T, hidden) each
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(self.fc(x), approximate="tanh" if self.kind == "gelu_tanh" else "none")
+        return self.drop(self.proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.pre_norm = cfg.norm_position == "pre"
+        self.norm1, self.norm2 = make_norm(cfg), make_norm(cfg)
+        self.attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        rate = cfg.drop_path * layer / max(cfg.n_layer - 1, 1)
+        self.drop_path = DropPath(rate)
+        self.activation_checkpointing = False  # set from outside by the trainer
+
+    def _forward(self, x, rope, mask, kv_cache):
+        if self.pre_norm:
+            x = x + self.drop_path(self.attn(self.norm1(x), rope, mask, kv_cache))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = self.norm1(x + self.drop_path(self.attn(x, rope, mask, kv_cache)))
+        return self.norm2(x + self.drop_path(self.mlp(x)))
+
+    def forward(self, x, rope, mask, kv_cache=None):
+        if self.activation_checkpointing and self.training and kv_cache is None:
+            return checkpoint(self._forward, x, rope, mask, kv_cache, use_reentrant=False)
+        return self._forward(x, rope, mask, kv_cache)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if not cfg.vocab_size:
+            raise ValueError("ModelConfig.vocab_size must be set (it normally comes from the tokenizer)")
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_encoding == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if cfg.pos_encoding == "rope":
+            hd = cfg.head_dim
+            inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+            self.register_buffer("rope_inv_freq", inv_freq, persistent=False)  # (hd/2,)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2's scheme, one place for every tensor:
+        - token and learned position embeddings, every Linear weight: N(0, init_std);
+        - residual output projections (attn.proj, mlp.proj): N(0, init_std / sqrt(2 * n_layer)),
+          so the residual stream's variance does not grow with depth;
+        - biases 0; norm weights 1 (LayerNorm bias 0); an untied lm_head like any Linear."""
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_residual_out = name.endswith("attn.proj") or name.endswith("mlp.proj")
+                scale = 1 / math.sqrt(2 * self.config.n_layer) if is_residual_out else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        if self.config.tie_embeddings:  # the loop above re-drew the shared weight as a Linear
+            nn.init.normal_(self.wte.weight, mean=0.0, std=std)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        for block in self.blocks:
+            block.activation_checkpointing = enabled
+
+    def _positions(self, B, T, offset, attention_mask, position_ids, device) -> torch.Tensor:
+        if position_ids is not None:
+            return position_ids
+        if attention_mask is not None:  # left padding: count real tokens only
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
+            return pos[:, offset : offset + T]
+        return torch.arange(offset, offset + T, device=device).unsqueeze(0).expand(B, T)
+
+    def _mask(self, T, S, offset, attention_mask, device) -> torch.Tensor | bool:
+        """True = plain causal (SDPA's fast path), False = attend to everything (one-token
+        decode), else a boolean (B or 1, 1, T, S) mask where True means 'may attend'."""
+        window = self.config.sliding_window
+        if attention_mask is None and (window is None or window >= S):
+            if offset == 0:
+                return True
+            if T == 1:
+                return False
+        q_idx = torch.arange(offset, offset + T, device=device)[:, None]  # (T, 1)
+        k_idx = torch.arange(S, device=device)[None, :]  # (1, S)
+        allowed = k_idx <= q_idx
+        if window is not None:
+            allowed = allowed & (q_idx - k_idx < window)
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[:, None, :S].bool()  # (B, T, S)
+            allowed = allowed | (k_idx == q_idx)  # pad queries see themselves: no all-masked row
+            return allowed[:, None]  # (B, 1, T, S)
+        return allowed[None, None]  # (1, 1, T, S)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V).
+
+        attention_mask (B, S), 1 for real tokens and 0 for padding, covers the cached
+        positions plus the new ones (S = cache length + T). position_ids (B, T) default to
+        counting real tokens, so a left-padded prompt gets the positions it would have alone.
+        """
+        B, T = input_ids.shape
+        offset = kv_cache.length if kv_cache is not None else 0
+        S = offset + T
+        if S > self.config.block_size:
+            raise ValueError(f"sequence length {S} exceeds block_size {self.config.block_size}")
+        device = input_ids.device
+        pos = self._positions(B, T, offset, attention_mask, position_ids, device)  # (B, T)
+        x = self.wte(input_ids)  # (B, T, d)
+        rope = None
+        if self.config.pos_encoding == "learned":
+            x = x + self.wpe(pos)
+        elif self.config.pos_encoding == "sinusoidal":
+            x = x + sinusoidal_embedding(pos, self.config.d_model).to(x.dtype)
+        elif self.config.pos_encoding == "rope":
+            freqs = pos[..., None].float() * self.rope_inv_freq  # (B, T, hd/2)
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+            rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
+        x = self.drop(x)
+        mask = self._mask(T, S, offset, attention_mask, device)
+        for block in self.blocks:
+            x = block(x, rope, mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length = S
+        return self.lm_head(self.norm_f(x))  # (B, T, V)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters counted once (a tied head is not counted twice). non_embedding drops
+        the token and position embeddings, as in the scaling-law papers' N."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wte.weight.numel()
+            if self.wpe is not None:
+                n -= self.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
+        """Matmul FLOPs per token (PaLM appendix B): 6N + 12·L·d·T for a training step
+        (forward + backward), a third of that for a forward pass. N counts the head."""
+        cfg = self.config
+        T = seq_len or cfg.block_size
+        n = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.d_model
+        forward = 2 * n + 2 * 2 * cfg.n_layer * cfg.d_model * T
+        return 3 * forward if training else forward
+
+    def estimate_mfu(self, tokens_per_s: float, peak_flops: float, seq_len: int | None = None) -> float:
+        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak."""
+        return tokens_per_s * self.flops_per_token(seq_len) / peak_flops
