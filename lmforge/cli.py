@@ -23,7 +23,8 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verb_to_load: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; only `verb_to_load`'s module is imported (verbs pull in heavy libraries)."""
     parser = argparse.ArgumentParser(
         prog="lmforge",
         description="lmforge: raw text in, a trained, evaluated, servable language model out.",
@@ -37,10 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
             description=help_text,
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-        module = importlib.import_module(module_name)
-        module.add_arguments(p, verb)
-        p.set_defaults(_run=module.run)
+        p.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+        )
+        if verb == verb_to_load:
+            module = importlib.import_module(module_name)
+            module.add_arguments(p, verb)
+            p.set_defaults(_run=module.run)
     return parser
 
 
@@ -48,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     try:
-        parser = build_parser()
+        verb = next((a for a in argv if not a.startswith("-")), None)
+        parser = build_parser(verb)
         args, unknown = parser.parse_known_args(argv)
         if args.verb is None:
             parser.print_help()

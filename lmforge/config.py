@@ -75,7 +75,9 @@ class ModelConfig:
         _check_choice("model.mlp", self.mlp, ("gelu", "gelu_tanh", "swiglu"))
         _check_choice("model.norm", self.norm, ("layernorm", "rmsnorm"))
         _check_choice("model.norm_position", self.norm_position, ("pre", "post"))
-        _check_choice("model.pos_encoding", self.pos_encoding, ("learned", "sinusoidal", "rope", "none"))
+        _check_choice(
+            "model.pos_encoding", self.pos_encoding, ("learned", "sinusoidal", "rope", "none")
+        )
         for name in ("block_size", "n_layer", "n_head", "d_model"):
             _check_positive(f"model.{name}", getattr(self, name))
         _check_positive("model.vocab_size", self.vocab_size)
@@ -166,15 +168,32 @@ class TrainConfig:
     """Consecutive non-finite losses or gradients after which the run stops."""
 
     def __post_init__(self) -> None:
-        _check_choice("train.schedule", self.schedule, ("cosine", "wsd", "inverse_sqrt", "constant"))
+        _check_choice(
+            "train.schedule", self.schedule, ("cosine", "wsd", "inverse_sqrt", "constant")
+        )
         _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
-        for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_interval",
-                     "eval_interval", "eval_steps", "ckpt_interval", "max_bad_steps"):
+        for name in (
+            "max_steps",
+            "micro_batch_size",
+            "grad_accum_steps",
+            "log_interval",
+            "eval_interval",
+            "eval_steps",
+            "ckpt_interval",
+            "max_bad_steps",
+        ):
             _check_positive(f"train.{name}", getattr(self, name))
         for name in ("lr", "max_minutes"):
             _check_positive(f"train.{name}", getattr(self, name))
-        for name in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "batch_ramp_interval",
-                     "keep_last", "label_smoothing"):
+        for name in (
+            "min_lr",
+            "warmup_steps",
+            "weight_decay",
+            "grad_clip",
+            "batch_ramp_interval",
+            "keep_last",
+            "label_smoothing",
+        ):
             _check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
         if self.min_lr > self.lr:
             raise LmforgeError(f"train.min_lr={self.min_lr} is above train.lr={self.lr}")
@@ -258,7 +277,9 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise LmforgeError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise LmforgeError(
+            f"config file {path} is not valid YAML: {str(e).splitlines()[0]}"
+        ) from None
     if not isinstance(data, dict):
         raise LmforgeError(f"config file {path} must hold a mapping of sections")
     return data
@@ -298,3 +319,37 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def load_config(path: str | Path) -> Config:
     return build_config(path)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each dataclass field (litgpt's habit), for --help."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs: dict[str, str] = {}
+    for node, after in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def describe_keys() -> list[tuple[str, Any, str]]:
+    """(key, resolved default, doc) for every config key, defaults as the default job has them."""
+    defaults = to_dict(build_config())
+    rows = []
+    for section in dataclasses.fields(Config):
+        section_cls = type(section.default_factory())
+        docs = field_docs(section_cls)
+        for f in dataclasses.fields(section_cls):
+            rows.append(
+                (f"{section.name}.{f.name}", defaults[section.name][f.name], docs.get(f.name, ""))
+            )
+    return rows

@@ -52,7 +52,8 @@ def sinusoidal_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
         torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) * (-math.log(10000.0) / dim)
     )
     angles = positions[..., None].float() * inv_freq  # (B, T, dim/2)
-    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
+    # an odd dim has one more sin than cos column: drop the last cos
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)[..., :dim]
 
 
 class DropPath(nn.Module):

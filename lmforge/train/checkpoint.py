@@ -99,7 +99,9 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
         missing, unexpected = load_model(model, str(path), strict=False)
     except (SafetensorError, RuntimeError, OSError) as e:
         first = str(e).strip().splitlines()
-        detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")
+        detail = next(
+            (line.strip() for line in first if "size mismatch" in line), first[0] if first else ""
+        )
         raise LmforgeError(f"weights in {path} do not fit the model config: {detail}") from None
     if missing or unexpected:
         raise LmforgeError(

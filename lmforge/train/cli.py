@@ -1,0 +1,188 @@
+"""`lmforge train`: build the run from the config, train, evaluate, checkpoint, sample.
+
+`train(cfg)` is the Python entry point; `run(args)` is the CLI verb around it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.common import LmforgeError, print0, seed_everything
+from lmforge.config import Config, build_config, describe_keys
+from lmforge.data.loader import RandomWindowLoader, load_pretrain_data
+from lmforge.model.gpt import GPT
+from lmforge.tokenizer import load_tokenizer
+from lmforge.train import checkpoint as ckpt
+from lmforge.train.distributed import broadcast_object, destroy_distributed, init_distributed
+from lmforge.train.trainer import Trainer, causal_lm_loss
+
+
+def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument("--config", metavar="FILE.yaml", help="a YAML recipe (see configs/)")
+    parser.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a run exactly where it stopped"
+    )
+    keys = parser.add_argument_group(
+        "config keys (--section.key=value; YAML recipes use the same names)"
+    )
+    for key, default, doc in describe_keys():
+        keys.add_argument(
+            f"--{key}",
+            dest=f"cfg:{key}",
+            default=argparse.SUPPRESS,
+            metavar="V",
+            help=f"{doc} (default: {default})".replace("%", "%%").lstrip(),
+        )
+    parser.set_defaults(accepts_overrides=True, formatter_class=None)
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    out = [f"--{k[4:]}={v}" for k, v in vars(args).items() if k.startswith("cfg:")]
+    extra = list(getattr(args, "extra", []))
+    while extra:  # unknown keys: let the config say which valid key was meant
+        item = extra.pop(0)
+        if item.startswith("--") and "=" not in item and extra and not extra[0].startswith("--"):
+            item = f"{item}={extra.pop(0)}"
+        out.append(item)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = _overrides(args)
+    if args.resume:
+        run_dir = Path(args.resume)
+        if (
+            not (run_dir / "config.yaml").is_file()
+            or not (run_dir / "checkpoints" / ckpt.LATEST).is_file()
+        ):
+            raise LmforgeError(
+                f"--resume={run_dir}: not an lmforge run folder with a checkpoint "
+                "(expected config.yaml and checkpoints/latest)"
+            )
+        cfg = build_config(run_dir / "config.yaml", overrides=overrides)
+        train(cfg, resume=run_dir)
+    else:
+        cfg = build_config(*([args.config] if args.config else []), overrides=overrides)
+        train(cfg)
+    return 0
+
+
+def _new_run_dir(cfg: Config) -> Path:
+    name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.run.dir) / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise LmforgeError(
+            f"run folder {run_dir} already exists; resume it with --resume={run_dir} "
+            "or choose another --run.name"
+        )
+    return run_dir
+
+
+def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
+    """Pretrain per `cfg` (or continue the run folder `resume`). Returns the last metrics."""
+    info = init_distributed(cfg.run.device)
+    try:
+        seed_everything(cfg.train.seed)
+        resume_ckpt = ckpt.resolve_checkpoint(resume) if resume else None
+        tokenizer = None
+        if resume_ckpt and (resume_ckpt / ckpt.TOKENIZER).is_dir():
+            tokenizer = load_tokenizer(resume_ckpt / ckpt.TOKENIZER)
+        data = load_pretrain_data(cfg.data, tokenizer)
+        if cfg.model.vocab_size is None:
+            cfg.model.vocab_size = data.tokenizer.vocab_size
+        elif cfg.model.vocab_size < data.tokenizer.vocab_size:
+            raise LmforgeError(
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
+                f"tokenizer's {data.tokenizer.vocab_size}"
+            )
+        model = GPT(cfg.model)
+        if info.enabled:
+            torch.manual_seed(cfg.train.seed + info.rank)  # distinct dropout per rank
+        run_dir = (
+            Path(resume)
+            if resume
+            else broadcast_object(_new_run_dir(cfg) if info.is_main else None)
+        )
+        t = cfg.train
+        train_loader = RandomWindowLoader(
+            data.train, cfg.model.block_size, t.micro_batch_size, t.seed, info.rank, info.world_size
+        )
+
+        for split, arrays in (("train", data.train), ("validation", data.val)):
+            if max(len(a) for a in arrays) <= cfg.model.block_size:
+                raise LmforgeError(
+                    f"data too short: the {split} split has {sum(len(a) for a in arrays)} "
+                    f"tokens, fewer than model.block_size+1={cfg.model.block_size + 1}; "
+                    "add data or lower model.block_size"
+                )
+
+        def val_batches():
+            loader = RandomWindowLoader(
+                data.val,
+                cfg.model.block_size,
+                t.micro_batch_size,
+                t.seed + 1,
+                info.rank,
+                info.world_size,
+            )
+            for _ in range(t.eval_steps):
+                yield loader.next_step(1)[0]
+
+        trainer = Trainer(
+            cfg,
+            model,
+            train_loader,
+            val_batches,
+            run_dir,
+            info,
+            loss_fn=causal_lm_loss(t.label_smoothing),
+            eval_loss_fn=causal_lm_loss(),
+            tokenizer=data.tokenizer,
+            bytes_per_token=data.bytes_per_token,
+        )
+        if resume_ckpt:
+            trainer.load_trainer_state(resume_ckpt)
+            print0(f"resumed {run_dir} from {resume_ckpt.name} (step {trainer.step})")
+        n_params = model.num_params()
+        print0(
+            f"run {run_dir}: {n_params / 1e6:.2f}M parameters, device {info.device}, "
+            f"precision {trainer.precision}, world size {info.world_size}"
+        )
+        result = trainer.fit()
+        if info.is_main:
+            _report(cfg, model, data.tokenizer, run_dir, result)
+        return result
+    finally:
+        destroy_distributed()
+
+
+def _report(cfg: Config, model: GPT, tokenizer, run_dir: Path, result: dict[str, Any]) -> None:
+    """Print a sample from the trained model and where everything was written."""
+    from lmforge.engine import Engine, SamplingParams
+
+    if cfg.run.sample_tokens > 0:
+        prompt = tokenizer.encode("\n") if tokenizer.kind != "hf" else [tokenizer.eot_id or 0]
+        max_new = min(cfg.run.sample_tokens, cfg.model.block_size - len(prompt))
+        params = SamplingParams(
+            max_new_tokens=max_new, temperature=0.8, top_k=200, seed=cfg.train.seed
+        )
+        ids = Engine(model.eval()).generate([prompt], params)[0]
+        print0("\n--- sample ---\n" + tokenizer.decode(ids) + "\n--------------")
+    ev = result.get("eval") or {}
+    if ev:
+        print0(
+            f"final val_loss {ev['val_loss']:.4f} (ppl {ev['val_ppl']:.2f}"
+            + (f", bpb {ev['val_bpb']:.4f})" if "val_bpb" in ev else ")")
+        )
+    latest = run_dir / "checkpoints" / ckpt.LATEST
+    where = run_dir / "checkpoints" / latest.read_text().strip() if latest.is_file() else run_dir
+    print0(
+        f"run folder: {run_dir}  (config.yaml, metrics.jsonl, tensorboard/)\n"
+        f"checkpoint: {where}\n"
+        f"generate:   lmforge generate --checkpoint {run_dir} --prompt 'ROMEO:'"
+    )

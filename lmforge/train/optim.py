@@ -1,0 +1,34 @@
+"""AdamW with decoupled weight decay on matrices only (dim >= 2): embeddings and Linear weights
+decay; biases and norm gains don't. Every trainable parameter is in exactly one group."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    params = [p for p in model.parameters() if p.requires_grad]  # parameters() dedups tied weights
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    grouped = {id(p) for p in decay} | {id(p) for p in no_decay}
+    assert len(grouped) == len(params) == len(decay) + len(no_decay), (
+        "a parameter is in 0 or 2 groups"
+    )
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, train_cfg, device: torch.device) -> torch.optim.AdamW:
+    """torch's AdamW on the two groups; the fused kernel on CUDA, multi-tensor (foreach) elsewhere."""
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(
+        param_groups(model, train_cfg.weight_decay),
+        lr=train_cfg.lr,
+        betas=(train_cfg.beta1, train_cfg.beta2),
+        eps=train_cfg.eps,
+        fused=fused or None,
+        foreach=None if fused else True,
+    )

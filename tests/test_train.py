@@ -1,0 +1,380 @@
+"""The Trainer against references: full batch vs accumulation, torch's AdamW, an uninterrupted
+run vs resume, DDP vs one process; failure handling; schedules."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.config import build_config
+from lmforge.data.loader import RandomWindowLoader, bundled_text_path
+from lmforge.model.gpt import GPT
+from lmforge.train import checkpoint as ckpt
+from lmforge.train.distributed import DistInfo
+from lmforge.train.optim import build_optimizer, param_groups
+from lmforge.train.schedule import accum_steps_at, lr_at
+from lmforge.train.trainer import Trainer, causal_lm_loss
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "shakespeare_40k.txt"
+    path.write_text(bundled_text_path().read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    return path
+
+
+def tiny_cfg(text_file: Path, run_dir: Path, **train) -> object:
+    overrides = {
+        "run": {"dir": str(run_dir), "name": "r", "tensorboard": False, "sample_tokens": 0},
+        "model": {"preset": "tiny"},
+        "data": {"path": str(text_file)},
+        "train": {
+            "max_steps": 6,
+            "micro_batch_size": 4,
+            "warmup_steps": 2,
+            "log_interval": 1,
+            "eval_interval": 3,
+            "eval_steps": 2,
+            "ckpt_interval": 3,
+            "keep_last": 10,
+            **train,
+        },
+    }
+    return build_config(overrides)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def make_trainer(cfg, tokens: torch.Tensor, run_dir: Path, loss_fn=None) -> Trainer:
+    torch.manual_seed(cfg.train.seed)
+    cfg.model.vocab_size = 65
+    model = GPT(cfg.model)
+    loader = RandomWindowLoader(
+        [tokens.numpy()], cfg.model.block_size, cfg.train.micro_batch_size, cfg.train.seed
+    )
+    info = DistInfo(rank=0, world_size=1, device=torch.device("cpu"))
+    return Trainer(cfg, model, loader, None, run_dir, info, loss_fn or causal_lm_loss())
+
+
+def test_accumulation_equals_full_batch(text_file, tmp_path):
+    tokens = torch.randint(0, 65, (5000,))
+    results = []
+    for micro, accum in ((8, 1), (2, 4)):
+        cfg = tiny_cfg(text_file, tmp_path, micro_batch_size=micro, grad_accum_steps=accum)
+        trainer = make_trainer(cfg, tokens, tmp_path / f"{micro}x{accum}")
+        for _ in range(3):
+            trainer.train_step()
+        results.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
+    full, accumulated = results
+    assert not torch.equal(
+        full, torch.cat([p.detach().flatten() for p in GPT(cfg.model).parameters()])
+    )
+    rel = (full - accumulated).norm() / full.norm()
+    assert rel <= 1e-6, rel
+
+
+def test_adamw_matches_torch_and_the_formula(text_file, tmp_path):
+    cfg = tiny_cfg(text_file, tmp_path, weight_decay=0.1, lr=1e-2)
+    torch.manual_seed(0)
+    cfg.model.vocab_size = 65
+    ours_model = GPT(cfg.model)
+    ref_model = GPT(cfg.model)
+    ref_model.load_state_dict(ours_model.state_dict())
+    ours = build_optimizer(ours_model, cfg.train, torch.device("cpu"))
+    decay = [p for p in ref_model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in ref_model.parameters() if p.dim() < 2]
+    ref = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=1e-2,
+        betas=(cfg.train.beta1, cfg.train.beta2),
+        eps=cfg.train.eps,
+    )
+    # the update written out: decoupled decay, bias-corrected moments
+    by_hand = {n: p.detach().clone() for n, p in ours_model.named_parameters()}
+    m = {n: torch.zeros_like(p) for n, p in by_hand.items()}
+    v = {n: torch.zeros_like(p) for n, p in by_hand.items()}
+    b1, b2, eps, lr = cfg.train.beta1, cfg.train.beta2, cfg.train.eps, 1e-2
+    x = torch.randint(0, 65, (2, 16))
+    for t in range(1, 4):
+        for model, opt in ((ours_model, ours), (ref_model, ref)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            if model is ours_model:
+                for n, p in model.named_parameters():
+                    g = p.grad
+                    wd = 0.1 if p.dim() >= 2 else 0.0
+                    by_hand[n].mul_(1 - lr * wd)
+                    m[n].mul_(b1).add_(g, alpha=1 - b1)
+                    v[n].mul_(b2).addcmul_(g, g, value=1 - b2)
+                    denom = (v[n] / (1 - b2**t)).sqrt().add_(eps)
+                    by_hand[n].addcdiv_(m[n] / (1 - b1**t), denom, value=-lr)
+            opt.step()
+    for (n, p), q in zip(ours_model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+        torch.testing.assert_close(p, by_hand[n], rtol=1e-5, atol=1e-6)
+
+
+def test_every_parameter_in_exactly_one_group(text_file, tmp_path):
+    cfg = tiny_cfg(text_file, tmp_path)
+    cfg.model.vocab_size = 65
+    groups = param_groups(GPT(cfg.model), 0.1)
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert all(p.dim() >= 2 for p in groups[0]["params"]) and all(
+        p.dim() < 2 for p in groups[1]["params"]
+    )
+
+
+@pytest.mark.parametrize(
+    "schedule,expected",
+    [
+        # step 0, end of warmup (step 9), middle (step 55), end (step 100)
+        ("cosine", [1e-4, 1e-3, 0.55e-3, 1e-4]),
+        ("wsd", [1e-4, 1e-3, 1e-3, 1e-4]),
+        ("inverse_sqrt", [1e-4, 1e-3, 1e-3 * math.sqrt(10 / 56), 1e-3 * math.sqrt(10 / 101)]),
+        ("constant", [1e-4, 1e-3, 1e-3, 1e-3]),
+    ],
+)
+def test_schedule_values(schedule, expected):
+    cfg = build_config(
+        {
+            "train": {
+                "schedule": schedule,
+                "lr": 1e-3,
+                "min_lr": 1e-4,
+                "warmup_steps": 10,
+                "max_steps": 100,
+                "decay_fraction": 0.2,
+            }
+        }
+    ).train
+    got = [lr_at(s, cfg) for s in (0, 9, 55, 100)]
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_wsd_decays_only_at_the_end_and_batch_ramp_doubles():
+    cfg = build_config(
+        {
+            "train": {
+                "schedule": "wsd",
+                "lr": 1e-3,
+                "min_lr": 0.0,
+                "warmup_steps": 0,
+                "max_steps": 100,
+                "decay_fraction": 0.2,
+            }
+        }
+    ).train
+    assert lr_at(79, cfg) == 1e-3 and lr_at(90, cfg) == pytest.approx(0.5e-3)
+    assert [accum_steps_at(s, 8, 10) for s in (0, 9, 10, 20, 30, 100)] == [1, 1, 2, 4, 8, 8]
+    assert accum_steps_at(5, 4, 0) == 4
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / ckpt.WEIGHTS))
+
+
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(text_file, tmp_path):
+    from lmforge.train.cli import train
+
+    straight = tmp_path / "straight" / "r"
+    train(_with_dropout(tiny_cfg(text_file, tmp_path / "straight", max_steps=6, ckpt_interval=3)))
+    # Interrupted at step 3: the same run folder as it was then, resumed to step 6.
+    resumed = tmp_path / "resumed" / "r"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_0000006")
+    (resumed / "checkpoints" / "latest").write_text("step_0000003\n")
+    rows = read_metrics(resumed)
+    (resumed / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= 3)
+    )
+    assert main(["train", f"--resume={resumed}"]) == 0
+    losses = lambda d: [(r["step"], r["loss"]) for r in read_metrics(d) if "loss" in r]  # noqa: E731
+    assert losses(resumed) == losses(straight)
+    a, b = (
+        _weights(straight / "checkpoints" / "step_0000006"),
+        _weights(resumed / "checkpoints" / "step_0000006"),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _with_dropout(cfg):
+    cfg.model.dropout = 0.1
+    return cfg
+
+
+def test_a_crash_mid_checkpoint_keeps_the_previous_one(text_file, tmp_path, monkeypatch):
+    cfg = tiny_cfg(text_file, tmp_path)
+    trainer = make_trainer(cfg, torch.randint(0, 65, (3000,)), tmp_path / "run")
+    trainer.train_step()
+    first = trainer.save_checkpoint()
+    trainer.train_step()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk vanished mid-write")
+
+    monkeypatch.setattr(ckpt.torch, "save", crash)
+    with pytest.raises(OSError):
+        trainer.save_checkpoint()
+    monkeypatch.undo()
+    assert (trainer.ckpt_root / "latest").read_text().strip() == first.name
+    assert ckpt.resolve_checkpoint(trainer.run_dir) == first
+    model, _ = ckpt.load(first)
+    assert not ckpt.is_checkpoint(trainer.ckpt_root / "step_0000002")
+
+
+def test_nan_loss_is_skipped_and_training_goes_on(text_file, tmp_path):
+    base = causal_lm_loss()
+    calls = {"n": 0}
+
+    def flaky(model, batch):
+        calls["n"] += 1
+        loss, metrics = base(model, batch)
+        return (loss * float("nan") if calls["n"] == 2 else loss), metrics
+
+    cfg = tiny_cfg(text_file, tmp_path, max_steps=5, ckpt_interval=100)
+    trainer = make_trainer(cfg, torch.randint(0, 65, (3000,)), tmp_path / "run", loss_fn=flaky)
+    trainer.train_step()
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    row = trainer.train_step()
+    assert row.get("skipped") and all(
+        torch.equal(a, b) for a, b in zip(before, trainer.model.parameters())
+    )
+    trainer.fit()
+    rows = read_metrics(tmp_path / "run")
+    assert rows[-1]["step"] == 5 and math.isfinite(rows[-1]["loss"])
+
+
+def test_repeated_nan_stops_with_a_clear_message(text_file, tmp_path):
+    from lmforge.common import LmforgeError
+
+    def always_nan(model, batch):
+        loss, metrics = causal_lm_loss()(model, batch)
+        return loss * float("nan"), metrics
+
+    cfg = tiny_cfg(text_file, tmp_path, max_steps=20, max_bad_steps=3)
+    trainer = make_trainer(cfg, torch.randint(0, 65, (3000,)), tmp_path / "run", loss_fn=always_nan)
+    with pytest.raises(LmforgeError, match="3 non-finite steps in a row"):
+        trainer.fit()
+
+
+def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "lmforge",
+        "train",
+        *args,
+    ]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+
+
+def test_ddp_two_processes_match_one_process(text_file, tmp_path):
+    common = [
+        f"--data.path={text_file}",
+        "--model.preset=tiny",
+        "--train.max_steps=4",
+        "--train.log_interval=1",
+        "--train.eval_interval=2",
+        "--train.eval_steps=2",
+        "--run.tensorboard=false",
+        "--run.sample_tokens=0",
+        f"--run.dir={tmp_path}",
+    ]
+    proc = _torchrun(
+        *common,
+        "--run.name=ddp",
+        "--train.micro_batch_size=2",
+        "--train.grad_accum_steps=2",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (
+        main(
+            [
+                "train",
+                *common,
+                "--run.name=single",
+                "--train.micro_batch_size=4",
+                "--train.grad_accum_steps=2",
+            ]
+        )
+        == 0
+    )
+    ddp, single = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "single")
+    for key in ("loss", "val_loss"):
+        a = [r[key] for r in ddp if key in r]
+        b = [r[key] for r in single if key in r]
+        assert len(a) == len(b) > 0
+        assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (key, a, b)
+
+
+def _error_line(capsys, argv: list[str]) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_bad_input_gives_one_clear_line(text_file, tmp_path, capsys):
+    base = ["train", f"--run.dir={tmp_path}", "--model.preset=tiny"]
+    assert "'train.lr'" in _error_line(capsys, [*base, "--train.lrr=1"])
+    assert "train.lr" in _error_line(capsys, [*base, "--train.lr=fast"])
+    assert "not found" in _error_line(capsys, [*base, f"--data.path={tmp_path / 'missing.txt'}"])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert "empty" in _error_line(capsys, [*base, f"--data.path={empty}"])
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    assert "binary" in _error_line(capsys, [*base, f"--data.path={binary}"])
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 au lait\n".encode("latin-1") * 50)
+    assert "UTF-8" in _error_line(capsys, [*base, f"--data.path={latin1}"])
+    short = tmp_path / "short.txt"
+    short.write_text("to be or not to be\n")
+    assert "too short" in _error_line(capsys, [*base, f"--data.path={short}"])
+    assert "not an lmforge run" in _error_line(capsys, ["train", f"--resume={tmp_path}"])
+    assert not any(tmp_path.glob("*/config.yaml")), "a failed start must not leave a run behind"
+
+
+def test_existing_run_is_never_overwritten(text_file, tmp_path, capsys):
+    argv = [
+        "train",
+        f"--data.path={text_file}",
+        "--model.preset=tiny",
+        f"--run.dir={tmp_path}",
+        "--run.name=keep",
+        "--train.max_steps=1",
+        "--run.tensorboard=false",
+        "--run.sample_tokens=0",
+    ]
+    assert main(argv) == 0
+    before = (tmp_path / "keep" / "metrics.jsonl").read_text()
+    assert "already exists" in _error_line(capsys, argv)
+    assert (tmp_path / "keep" / "metrics.jsonl").read_text() == before
+
+
+def test_every_shipped_config_parses():
+    for path in sorted((REPO / "configs").glob("train*.yaml")):
+        build_config(path)
