@@ -327,6 +327,9 @@ def test_ddp_two_processes_match_one_process(text_file, tmp_path):
         b = [r[key] for r in single if key in r]
         assert len(a) == len(b) > 0
         assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (key, a, b)
+    # a DDP run's checkpoint resumes in one process (any world size)
+    assert main(["train", f"--resume={tmp_path / 'ddp'}", "--train.max_steps=6"]) == 0
+    assert read_metrics(tmp_path / "ddp")[-1]["step"] == 6
 
 
 def _error_line(capsys, argv: list[str]) -> str:
@@ -378,3 +381,56 @@ def test_existing_run_is_never_overwritten(text_file, tmp_path, capsys):
 def test_every_shipped_config_parses():
     for path in sorted((REPO / "configs").glob("train*.yaml")):
         build_config(path)
+
+
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(text_file, tmp_path):
+    import signal
+    import time
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmforge",
+        "train",
+        f"--data.path={text_file}",
+        "--model.preset=tiny",
+        f"--run.dir={tmp_path}",
+        "--run.name=sig",
+        "--train.max_steps=100000",
+        "--train.log_interval=1",
+        "--run.tensorboard=false",
+        "--run.sample_tokens=0",
+        "--train.ckpt_interval=100000",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    metrics = tmp_path / "sig" / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and (
+        not metrics.is_file() or len(metrics.read_text().splitlines()) < 3
+    ):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "resume with --resume=" in out
+    folder = ckpt.resolve_checkpoint(tmp_path / "sig")
+    state = torch.load(folder / ckpt.TRAINER_STATE, weights_only=True)
+    assert state["step"] >= 3
+
+
+def test_keeps_the_last_k_and_the_best_checkpoint(text_file, tmp_path):
+    cfg = tiny_cfg(text_file, tmp_path, keep_last=2)
+    trainer = make_trainer(cfg, torch.randint(0, 65, (3000,)), tmp_path / "run")
+    trainer.best_step = 1
+    for _ in range(5):
+        trainer.train_step()
+        trainer.save_checkpoint()
+    names = sorted(p.name for p in trainer.ckpt_root.glob("step_*"))
+    assert names == ["step_0000001", "step_0000004", "step_0000005"]
+    assert (trainer.ckpt_root / "latest").read_text().strip() == "step_0000005"
