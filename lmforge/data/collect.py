@@ -1,0 +1,455 @@
+"""Sources -> a stream of raw documents.
+
+Reads files, folders (recursive), globs and URL lists; `.txt .md .jsonl .json .parquet .csv
+.html/.htm`, each optionally `.gz`/`.zst`, any other file as plain text. Everything streams
+(files a line, a record or a parquet batch at a time), so memory stays bounded whatever the
+corpus size. Nothing here raises on bad content: binary files, invalid UTF-8, bad JSON lines,
+missing columns and failed URLs are counted in `CollectStats` (and per URL in `urls`).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import gzip
+import io
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import urllib.robotparser
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from lmforge.common import LmforgeError
+
+TEXT, HTML = "text", "html"
+COMPRESSED = {".gz", ".zst"}
+URL_LIST_SUFFIX = ".urls"
+_SNIFF = 8192
+
+
+@dataclass
+class SourceConfig:
+    """One named source of the mixture."""
+
+    name: str = ""
+    paths: list[str] = field(default_factory=list)
+    """Files, folders (read recursively), globs, http(s) URLs, or `.urls` files listing URLs."""
+    weight: float | None = None
+    """Share of training tokens; None everywhere = every source in its natural proportion."""
+    text_field: list[str] = field(default_factory=lambda: ["text"])
+    """Fields (json/jsonl), columns (parquet/csv) joined by a blank line into a document."""
+    split: str = "file"
+    """How plain-text files become documents: file (one each), blank_lines (paragraphs), lines."""
+    chunk_bytes: int = 65536
+    """If > 0, plain-text documents are cut at line ends into pieces of about this size (a
+    book becomes many documents, so the train/val split by document works; 0 = never cut)."""
+    on_invalid_utf8: str = "replace"
+    """replace (U+FFFD, counted) or skip (the document is dropped, counted)."""
+    clean: dict[str, Any] = field(default_factory=dict)
+    """Per-source overrides of the global `clean` settings, e.g. {min_words: 3}."""
+
+    def __post_init__(self) -> None:
+        if self.split not in ("file", "blank_lines", "lines"):
+            raise LmforgeError(
+                f"source {self.name!r}: split={self.split!r} is not file, blank_lines or lines"
+            )
+        if self.on_invalid_utf8 not in ("replace", "skip"):
+            raise LmforgeError(f"source {self.name!r}: on_invalid_utf8 must be replace or skip")
+        if self.weight is not None and self.weight < 0:
+            raise LmforgeError(f"source {self.name!r}: weight must be >= 0")
+
+
+@dataclass
+class FetchConfig:
+    """HTTP(S) fetching of URL sources."""
+
+    timeout_s: float = 10.0
+    """Per-request limit on connecting and on the whole body download."""
+    retries: int = 2
+    """Extra attempts after timeouts, connection errors and 5xx answers (not after 4xx)."""
+    max_bytes: int = 10_000_000
+    """Bodies larger than this are skipped (outcome `too_large`)."""
+    user_agent: str = "lmforge"
+    respect_robots: bool = True
+
+
+@dataclass
+class Document:
+    text: str
+    source: str
+    origin: str
+    """The file or URL it came from (for reports and debugging)."""
+    kind: str = TEXT
+    """text, or html (main text still to be extracted by the cleaning stage)."""
+
+
+@dataclass
+class CollectStats:
+    counts: Counter = field(default_factory=Counter)
+    urls: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def skip(self, reason: str, where: str, detail: str = "") -> None:
+        self.counts[f"skipped_{reason}"] += 1
+        if len(self.warnings) < 100:
+            self.warnings.append(f"{where}: {reason}{' (' + detail + ')' if detail else ''}")
+
+
+def _is_url(s: str) -> bool:
+    return s.startswith(("http://", "https://"))
+
+
+def _suffixes(path: Path) -> tuple[str, str]:
+    """(format suffix, compression suffix): a/b.jsonl.zst -> ('.jsonl', '.zst')."""
+    suffix = path.suffix.lower()
+    if suffix in COMPRESSED:
+        return Path(path.stem).suffix.lower(), suffix
+    return suffix, ""
+
+
+def resolve_paths(paths: list[str]) -> list[str]:
+    """Expand folders and globs into sorted file lists (URLs pass through). A path that does
+    not exist is a user error, raised before any work starts."""
+    out: list[str] = []
+    for p in paths:
+        if _is_url(p):
+            out.append(p)
+        elif any(ch in p for ch in "*?["):
+            matches = sorted(m for m in glob.glob(p, recursive=True) if Path(m).is_file())
+            if not matches:
+                raise LmforgeError(f"no files match {p}")
+            out += matches
+        elif Path(p).is_dir():
+            out += sorted(
+                str(f)
+                for f in Path(p).rglob("*")
+                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            )
+        elif Path(p).is_file():
+            out.append(p)
+        else:
+            raise LmforgeError(f"input not found: {p} (expected a file, folder, glob or URL)")
+    return out
+
+
+def _open_binary(path: Path, compression: str) -> IO[bytes]:
+    if compression == ".gz":
+        return gzip.open(path, "rb")
+    if compression == ".zst":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+    return open(path, "rb")
+
+
+def _decode(raw: bytes, src: SourceConfig, where: str, stats: CollectStats) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        if src.on_invalid_utf8 == "skip":
+            stats.skip("invalid_utf8", where)
+            return None
+        stats.counts["invalid_utf8_replaced"] += 1
+        return raw.decode("utf-8", errors="replace")
+
+
+def _join_fields(record: Any, fields: list[str]) -> str | None:
+    if isinstance(record, str):
+        return record
+    if not isinstance(record, dict):
+        return None
+    parts = [record.get(f) for f in fields]
+    if all(p is None for p in parts):
+        return None
+    return "\n\n".join(str(p) for p in parts if p not in (None, ""))
+
+
+def _plain_docs(stream: IO[bytes], src: SourceConfig) -> Iterator[bytes]:
+    """Cut a byte stream into documents at the configured boundaries, one line at a time."""
+    buf: list[bytes] = []
+    size = 0
+    for line in stream:
+        if src.split == "lines":
+            if line.strip():
+                yield line
+            continue
+        if src.split == "blank_lines" and not line.strip():
+            if buf:
+                yield b"".join(buf)
+            buf, size = [], 0
+            continue
+        buf.append(line)
+        size += len(line)
+        if src.chunk_bytes and size >= src.chunk_bytes:
+            yield b"".join(buf)
+            buf, size = [], 0
+    if buf:
+        yield b"".join(buf)
+
+
+def _read_file(path: Path, src: SourceConfig, stats: CollectStats) -> Iterator[Document]:
+    fmt, compression = _suffixes(path)
+    where = str(path)
+    try:
+        with _open_binary(path, compression) as f:
+            head = f.read(_SNIFF)
+            if b"\x00" in head and fmt != ".parquet":
+                stats.skip("binary", where)
+                return
+            stream = io.BufferedReader(_Prefixed(head, f)) if fmt != ".parquet" else None
+            stats.counts["files"] += 1
+            if fmt == ".parquet":
+                yield from _parquet(path, compression, src, stats)
+            elif fmt == ".jsonl":
+                yield from _jsonl(stream, src, stats, where)
+            elif fmt == ".json":
+                yield from _json(stream, src, stats, where)
+            elif fmt == ".csv":
+                yield from _csv(stream, src, stats, where)
+            elif fmt in (".html", ".htm"):
+                text = _decode(stream.read(), src, where, stats)
+                if text is not None:
+                    yield Document(text, src.name, where, HTML)
+            else:
+                for raw in _plain_docs(stream, src):
+                    text = _decode(raw, src, where, stats)
+                    if text is not None:
+                        yield Document(text, src.name, where)
+    except (OSError, EOFError, ValueError) as e:
+        # Truncated archives, unreadable files: count and keep going with the next file.
+        stats.skip("unreadable", where, str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+class _Prefixed(io.RawIOBase):
+    """A raw stream that replays the sniffed head before the rest of the file."""
+
+    def __init__(self, head: bytes, rest: IO[bytes]):
+        self.head, self.rest = head, rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self.head:
+            n = min(len(b), len(self.head))
+            b[:n], self.head = self.head[:n], self.head[n:]
+            return n
+        data = self.rest.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+def _jsonl(
+    stream: IO[bytes], src: SourceConfig, stats: CollectStats, where: str
+) -> Iterator[Document]:
+    for lineno, raw in enumerate(stream, 1):
+        if not raw.strip():
+            continue
+        line = _decode(raw, src, f"{where}:{lineno}", stats)
+        if line is None:
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            stats.skip("bad_json", f"{where}:{lineno}")
+            continue
+        text = _join_fields(record, src.text_field)
+        if text is None:
+            stats.skip("missing_field", f"{where}:{lineno}", f"no {'/'.join(src.text_field)}")
+            continue
+        yield Document(text, src.name, f"{where}:{lineno}")
+
+
+def _json(
+    stream: IO[bytes], src: SourceConfig, stats: CollectStats, where: str
+) -> Iterator[Document]:
+    text = _decode(stream.read(), src, where, stats)
+    if text is None:
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        stats.skip("bad_json", where, str(e))
+        return
+    if isinstance(data, dict):  # {"data": [...]} and similar single-list wrappers
+        lists = [v for v in data.values() if isinstance(v, list)]
+        data = lists[0] if len(lists) == 1 else [data]
+    if not isinstance(data, list):
+        stats.skip("bad_json", where, "expected a list of records")
+        return
+    for i, record in enumerate(data):
+        doc = _join_fields(record, src.text_field)
+        if doc is None:
+            stats.skip("missing_field", f"{where}[{i}]", f"no {'/'.join(src.text_field)}")
+            continue
+        yield Document(doc, src.name, f"{where}[{i}]")
+
+
+def _csv(
+    stream: IO[bytes], src: SourceConfig, stats: CollectStats, where: str
+) -> Iterator[Document]:
+    errors = "replace" if src.on_invalid_utf8 == "replace" else "strict"
+    reader = csv.DictReader(io.TextIOWrapper(stream, encoding="utf-8", errors=errors, newline=""))
+    missing = [f for f in src.text_field if f not in (reader.fieldnames or [])]
+    if len(missing) == len(src.text_field):
+        stats.skip("missing_column", where, f"no {'/'.join(missing)}; columns: {reader.fieldnames}")
+        return
+    try:
+        for row in reader:
+            text = _join_fields(row, src.text_field)
+            if text:
+                yield Document(text, src.name, where)
+    except UnicodeDecodeError:
+        stats.skip("invalid_utf8", where, "rest of the file")
+
+
+def _parquet(
+    path: Path, compression: str, src: SourceConfig, stats: CollectStats
+) -> Iterator[Document]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    where = str(path)
+    try:
+        pf = pq.ParquetFile(_open_binary(path, compression) if compression else path)
+    except (pa.ArrowException, OSError) as e:
+        stats.skip("unreadable", where, str(e).splitlines()[0])
+        return
+    names = pf.schema_arrow.names
+    columns = [c for c in src.text_field if c in names]
+    if not columns:
+        stats.skip(
+            "missing_column",
+            where,
+            f"no column {'/'.join(src.text_field)}; columns: {', '.join(names)}",
+        )
+        return
+    for batch in pf.iter_batches(batch_size=1024, columns=columns):
+        for record in batch.to_pylist():
+            text = _join_fields(record, columns)
+            if text:
+                yield Document(text, src.name, where)
+
+
+# ---------------------------------------------------------------- URLs
+
+
+class UrlFetcher:
+    """Fetch URLs politely: robots.txt (one read per host), timeouts, retries with backoff,
+    a size cap. Every URL gets an outcome line in `stats.urls`."""
+
+    def __init__(self, cfg: FetchConfig, stats: CollectStats):
+        self.cfg, self.stats = cfg, stats
+        self._robots: dict[str, urllib.robotparser.RobotFileParser | None] = {}
+
+    def _get(self, url: str) -> tuple[int, str, bytes]:
+        """One GET -> (status, content type, body); raises on network errors, ValueError when
+        the body is over the cap, TimeoutError when the whole download takes too long."""
+        req = urllib.request.Request(url, headers={"User-Agent": self.cfg.user_agent})
+        deadline = time.monotonic() + self.cfg.timeout_s
+        try:
+            resp = urllib.request.urlopen(req, timeout=self.cfg.timeout_s)
+        except urllib.error.HTTPError as e:
+            return e.code, "", b""
+        with resp:
+            length = resp.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > self.cfg.max_bytes:
+                raise ValueError("too_large")
+            chunks, size = [], 0
+            while chunk := resp.read(65536):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > self.cfg.max_bytes:
+                    raise ValueError("too_large")
+                if time.monotonic() > deadline:
+                    raise TimeoutError("download took too long")
+            return resp.status, resp.headers.get_content_type(), b"".join(chunks)
+
+    def _allowed(self, url: str) -> bool:
+        parts = urllib.parse.urlsplit(url)
+        host = f"{parts.scheme}://{parts.netloc}"
+        if host not in self._robots:
+            parser = None
+            try:
+                status, _, body = self._get(f"{host}/robots.txt")
+                if status == 200:
+                    parser = urllib.robotparser.RobotFileParser()
+                    parser.parse(body.decode("utf-8", errors="replace").splitlines())
+            except (OSError, ValueError):
+                parser = None  # no readable robots.txt: allowed, as crawlers conventionally do
+            self._robots[host] = parser
+        parser = self._robots[host]
+        return parser is None or parser.can_fetch(self.cfg.user_agent, url)
+
+    def fetch(self, url: str) -> tuple[str, str, bytes]:
+        """-> (outcome, content type, body); outcome is ok, http_<code>, timeout, too_large,
+        robots_disallowed or error."""
+        if self.cfg.respect_robots and not self._allowed(url):
+            return "robots_disallowed", "", b""
+        outcome = "error"
+        for attempt in range(self.cfg.retries + 1):
+            if attempt:
+                time.sleep(min(0.25 * 2**attempt, 5.0))
+            try:
+                status, ctype, body = self._get(url)
+            except ValueError:
+                return "too_large", "", b""
+            except (TimeoutError, OSError) as e:
+                reason = getattr(e, "reason", e)
+                outcome = (
+                    "timeout"
+                    if isinstance(reason, TimeoutError) or "timed out" in str(e)
+                    else "error"
+                )
+                continue
+            if status == 200:
+                return "ok", ctype, body
+            outcome = f"http_{status}"
+            if status < 500:
+                break
+        return outcome, "", b""
+
+
+def _url_docs(
+    url: str, src: SourceConfig, fetcher: UrlFetcher, stats: CollectStats
+) -> Iterator[Document]:
+    outcome, ctype, body = fetcher.fetch(url)
+    stats.urls.append({"url": url, "outcome": outcome, "bytes": len(body)})
+    stats.counts[f"url_{outcome}"] += 1
+    if outcome != "ok":
+        return
+    if b"\x00" in body[:_SNIFF]:
+        stats.skip("binary", url)
+        return
+    text = _decode(body, src, url, stats)
+    if text is not None:
+        is_html = ctype in ("text/html", "application/xhtml+xml") or url.lower().endswith(
+            (".html", ".htm")
+        )
+        yield Document(text, src.name, url, HTML if is_html else TEXT)
+
+
+def _url_list(path: Path) -> list[str]:
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
+
+
+def iter_documents(
+    src: SourceConfig, stats: CollectStats, fetch: FetchConfig | None = None
+) -> Iterator[Document]:
+    """Every document of one source, in a fixed order (sorted files, then record order)."""
+    fetcher = UrlFetcher(fetch or FetchConfig(), stats)
+    for p in resolve_paths(src.paths):
+        if _is_url(p):
+            yield from _url_docs(p, src, fetcher, stats)
+        elif Path(p).suffix.lower() == URL_LIST_SUFFIX:
+            for url in _url_list(Path(p)):
+                yield from _url_docs(url, src, fetcher, stats)
+        else:
+            yield from _read_file(Path(p), src, stats)

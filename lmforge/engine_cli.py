@@ -1,0 +1,113 @@
+"""`lmforge generate`: text from a checkpoint, through the engine (lmforge/engine.py)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+
+from lmforge.common import LmforgeError, pick_device
+from lmforge.engine import Engine, SamplingParams
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.checkpoint import load, resolve_checkpoint
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint folder, or a run folder (its latest checkpoint)",
+    )
+    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"tokens to generate; default: up to {DEFAULT_MAX_NEW_TOKENS}, as the context allows",
+    )
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument(
+        "--top-k", type=int, default=200, help="sample among the k most likely tokens (0 = off)"
+    )
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="CTRL penalty on seen tokens (1 = off)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="fix the sampling for reproducible output"
+    )
+    parser.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda > mps > cpu) or a torch device"
+    )
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str, vocab_size: int) -> list[int]:
+    """Prompt text -> ids; an empty prompt starts from end-of-text when the tokenizer has one."""
+    ids = tokenizer.encode(text)
+    if not ids and tokenizer.eot_id is not None:
+        ids = [tokenizer.eot_id]
+    if not ids:
+        raise LmforgeError(
+            "--prompt is empty and the tokenizer has no end-of-text token to start from"
+        )
+    if max(ids) >= vocab_size:
+        raise LmforgeError(
+            f"the prompt has token id {max(ids)} but the model's vocabulary has {vocab_size}: "
+            "the checkpoint's tokenizer does not match its model"
+        )
+    return ids
+
+
+def new_text(tokenizer: Tokenizer, tokens: Iterator[int]) -> Iterator[str]:
+    """Decoded text, piece by piece, for token ids arriving one at a time. Decodes the whole
+    completion each time and yields what is new, holding back a trailing incomplete UTF-8
+    sequence (BPE tokens can split a character)."""
+    ids: list[int] = []
+    printed = 0
+    for token in tokens:
+        ids.append(token)
+        text = tokenizer.decode(ids)
+        if text.endswith("\ufffd"):
+            continue
+        yield text[printed:]
+        printed = len(text)
+
+
+def run(args: argparse.Namespace) -> int:
+    folder = resolve_checkpoint(args.checkpoint)
+    model, tokenizer = load(folder, pick_device(args.device))
+    if tokenizer is None:
+        raise LmforgeError(f"{folder} has no tokenizer/ folder, so --prompt cannot be encoded")
+    cfg = model.config
+    prompt = encode_prompt(tokenizer, args.prompt, cfg.vocab_size)
+    max_new = args.max_new_tokens
+    if max_new is None:
+        max_new = min(DEFAULT_MAX_NEW_TOKENS, cfg.block_size - len(prompt))
+        if max_new < 1:
+            raise LmforgeError(
+                f"the prompt ({len(prompt)} tokens) fills the block_size ({cfg.block_size})"
+            )
+    params = SamplingParams(
+        max_new_tokens=max_new,
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        stop_ids=() if tokenizer.eot_id is None else (tokenizer.eot_id,),
+        seed=args.seed,
+    )
+    engine = Engine(model)
+    print(args.prompt, end="", flush=True)
+    if args.stream:
+        tokens = (step[0] for step in engine.stream([prompt], params) if step[0] is not None)
+        for piece in new_text(tokenizer, tokens):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(tokenizer.decode(engine.generate([prompt], params)[0]))
+    return 0

@@ -1,0 +1,77 @@
+"""End to end: bundled Shakespeare + bundled instructions (weighted 0.7 / 0.3) -> `lmforge
+prepare` -> `lmforge train` 20 steps on the prepared folder -> the training loss falls."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(
+    not (ROOT / "lmforge" / "train" / "cli.py").exists(), reason="trainer not present"
+)
+def test_prepare_then_train_20_steps_loss_falls(tmp_path):
+    data = tmp_path / "data"
+    recipe = ROOT / "configs" / "prepare_shakespeare_instructions.yaml"
+    run = [sys.executable, "-m", "lmforge"]
+    prep = subprocess.run(
+        [
+            *run,
+            "prepare",
+            "--config",
+            str(recipe),
+            "--out",
+            str(data),
+            "--tokenizer",
+            "train:512",
+            "--workers",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert prep.returncode == 0, prep.stderr
+    train = subprocess.run(
+        [
+            *run,
+            "train",
+            f"--data.path={data}",
+            f"--data.tokenizer={data / 'tokenizer'}",
+            "--model.preset=tiny",
+            "--model.block_size=64",
+            "--model.d_model=64",
+            "--model.n_head=4",
+            "--train.max_steps=20",
+            "--train.micro_batch_size=8",
+            "--train.lr=3e-3",
+            "--train.min_lr=3e-4",
+            "--train.warmup_steps=2",
+            "--train.log_interval=1",
+            "--train.eval_interval=20",
+            "--train.eval_steps=2",
+            "--run.name=e2e",
+            f"--run.dir={tmp_path / 'runs'}",
+            "--run.tensorboard=false",
+            "--run.sample_tokens=0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert train.returncode == 0, train.stderr[-2000:]
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "runs" / "e2e" / "metrics.jsonl").read_text().splitlines()
+    ]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) >= 10
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses

@@ -1,0 +1,185 @@
+"""The decoder: causality, KV-cache parity, padding masks, sizes, training sanity, bad configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.common import LmforgeError
+from lmforge.config import model_config
+from lmforge.model.gpt import GPT, KVCache
+
+V = 65  # shakespeare-char's vocabulary
+
+# Random tied models at the default init mostly repeat their input token; an untied head and a
+# larger init give logits that depend on context, so the comparisons below mean something.
+BASE = dict(preset="tiny", vocab_size=V, tie_embeddings=False, init_std=0.1)
+
+VARIANTS = {
+    "learned": {},
+    "sinusoidal": dict(pos_encoding="sinusoidal"),
+    "rope": dict(pos_encoding="rope"),
+    "nope": dict(pos_encoding="none"),
+    "sliding_window": dict(pos_encoding="rope", sliding_window=5),
+    "post_norm": dict(norm_position="post"),
+    "llama_style": dict(pos_encoding="rope", mlp="swiglu", norm="rmsnorm", bias=False),
+    "gqa": dict(pos_encoding="rope", n_head=4, n_kv_head=2),
+    "mqa": dict(pos_encoding="learned", n_head=4, n_kv_head=1),
+}
+POS_SCHEMES = ["learned", "sinusoidal", "rope", "nope"]
+
+
+def make_model(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(model_config(**{**BASE, **overrides})).eval()
+
+
+def random_ids(B: int, T: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_causal(variant):
+    """Changing tokens after position t leaves logits at <= t unchanged (and does change later ones)."""
+    model = make_model(**VARIANTS[variant])
+    x = random_ids(2, 24)
+    t = 10
+    y = x.clone()
+    y[:, t + 1 :] = (x[:, t + 1 :] + 1 + random_ids(2, 24 - t - 1, seed=2) % (V - 1)) % V
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], atol=1e-6, rtol=0)
+    assert (a[:, t + 1 :] - b[:, t + 1 :]).abs().max() > 1e-3
+
+
+def test_sliding_window_limits_what_one_layer_sees():
+    """With one layer and window w, position t sees t-w+1..t: token t-w cannot matter, t-w+1 does."""
+    model = make_model(n_layer=1, pos_encoding="rope", sliding_window=4)
+    x = random_ids(1, 16)
+    t = 12
+    with torch.no_grad():
+        base = model(x)[0, t]
+        for pos, matters in ((t - 4, False), (t - 3, True)):
+            y = x.clone()
+            y[0, pos] = (x[0, pos] + 1) % V
+            diff = (model(y)[0, t] - base).abs().max().item()
+            assert (diff > 1e-4) == matters, (pos, diff)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cached_prefill_and_decode_match_full_forward(variant):
+    """Prefill 8 tokens, a 3-token chunk, then one token at a time: the logits equal one
+    uncached forward over the whole sequence."""
+    model = make_model(**VARIANTS[variant])
+    x = random_ids(2, 20)
+    cache = KVCache(model.config, batch_size=2, max_len=20, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        full = model(x)  # (B, T, V)
+        pieces = [model(x[:, :8], kv_cache=cache), model(x[:, 8:11], kv_cache=cache)]
+        pieces += [model(x[:, i : i + 1], kv_cache=cache) for i in range(11, 20)]
+    assert cache.length == 20
+    assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["learned", "rope", "sliding_window", "gqa"])
+def test_cached_decode_with_left_padding_matches_full_forward(variant):
+    """The cache also agrees with the full forward when an attention mask hides left padding."""
+    model = make_model(**VARIANTS[variant])
+    x = random_ids(2, 16)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, :5] = 0
+    cache = KVCache(model.config, batch_size=2, max_len=16, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        full = model(x, attention_mask=mask)
+        pieces = [model(x[:, :9], attention_mask=mask[:, :9], kv_cache=cache)]
+        pieces += [
+            model(x[:, i : i + 1], attention_mask=mask[:, : i + 1], kv_cache=cache)
+            for i in range(9, 16)
+        ]
+    real = mask.bool()
+    assert (torch.cat(pieces, dim=1) - full)[real].abs().max().item() <= 1e-5
+
+
+def _pad_two(a: torch.Tensor, b: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two 1-D sequences -> ids (2, T) and mask (2, T), the shorter padded on `side` with id 0."""
+    T = max(len(a), len(b))
+    ids = torch.zeros(2, T, dtype=torch.long)
+    mask = torch.zeros(2, T, dtype=torch.long)
+    for row, seq in enumerate((a, b)):
+        span = slice(0, len(seq)) if side == "right" else slice(T - len(seq), T)
+        ids[row, span], mask[row, span] = seq, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("variant", POS_SCHEMES + ["sliding_window"])
+def test_padded_batch_logits_match_each_sequence_alone(variant, side):
+    model = make_model(**VARIANTS[variant])
+    a, b = random_ids(1, 12)[0], random_ids(1, 7, seed=3)[0]
+    ids, mask = _pad_two(a, b, side)
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask)  # (2, 12, V)
+        for row, seq in enumerate((a, b)):
+            alone = model(seq[None])[0]  # (len, V)
+            got = batched[row][mask[row].bool()]
+            assert (got - alone).abs().max().item() <= 1e-5
+
+
+def test_gpt2_124m_parameter_count():
+    """Same count as transformers' default GPT2LMHeadModel (tied head, learned positions)."""
+    with torch.device("meta"):  # shapes only: no 500 MB allocation, no init time
+        model = GPT(model_config(preset="gpt2-124m"))
+    assert model.num_params() == 124_439_808
+
+
+def test_tiny_model_overfits_one_batch():
+    model = make_model(init_std=0.02).train()
+    x = random_ids(4, 33)
+    inputs, targets = x[:, :-1], x[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _step in range(300):
+        loss = torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+        if loss.item() < 0.1:
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1, f"loss {loss.item():.3f} after 300 steps"
+
+
+@pytest.mark.parametrize("regulariser", ["dropout", "drop_path"])
+def test_regularisers_only_active_in_train_mode(regulariser):
+    model = make_model(**{regulariser: 0.5})
+    plain = make_model()  # same seed -> same weights, no dropout / drop-path
+    plain.load_state_dict(model.state_dict())
+    x = random_ids(4, 16)
+    with torch.no_grad():
+        model.eval()
+        torch.testing.assert_close(model(x), plain(x), atol=0, rtol=0)
+        model.train()
+        assert not torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(d_model=30, n_head=4), "not divisible by model.n_head"),
+        (dict(n_head=4, n_kv_head=3), "not divisible by model.n_kv_head"),
+        (dict(preset="gpt2-125m"), "unknown model preset 'gpt2-125m'; did you mean 'gpt2-124m'"),
+    ],
+)
+def test_bad_config_is_a_clear_user_error(overrides, message):
+    with pytest.raises(LmforgeError, match=message):
+        model_config(**{**BASE, **overrides})
+
+
+def test_forward_longer_than_block_size_raises():
+    model = make_model()
+    with pytest.raises(ValueError, match="exceeds block_size 32"):
+        model(random_ids(1, 33))
+
+
+def test_sinusoidal_positions_with_odd_model_width():
+    """d_model=33 (one head): the encoding is cut to 33 columns instead of failing to add."""
+    model = make_model(pos_encoding="sinusoidal", d_model=33, n_head=1)
+    assert model(random_ids(1, 5)).shape == (1, 5, V)
