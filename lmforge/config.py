@@ -123,8 +123,16 @@ class DataConfig:
     """char, byte, or a tokenizer folder (tokenizer.json or GPT-2's encoder.json + vocab.bpe)."""
     val_fraction: float = 0.1
     """Last fraction of the text (by position) held out for validation, as nanoGPT does."""
+    sampling: str = "random"
+    """random: windows at random offsets (nanoGPT); packed: each block-size window of the
+    token stream once per epoch, in a seeded order."""
+    within_document: bool = False
+    """packed only: attention and positions restart at each end-of-text token."""
 
     def __post_init__(self) -> None:
+        _check_choice("data.sampling", self.sampling, ("random", "packed"))
+        if self.within_document and self.sampling != "packed":
+            raise LmforgeError("data.within_document needs data.sampling=packed")
         if not 0 < self.val_fraction < 1:
             raise LmforgeError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
 

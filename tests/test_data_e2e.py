@@ -75,3 +75,19 @@ def test_prepare_then_train_20_steps_loss_falls(tmp_path):
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) >= 10
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
+
+    # the same prepared folder, each window once per epoch, attention kept within documents
+    packed = subprocess.run(
+        [
+            *train.args,
+            "--data.sampling=packed",
+            "--data.within_document=true",
+            "--train.max_steps=4",
+            "--run.name=packed",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert packed.returncode == 0, packed.stderr[-2000:]

@@ -31,7 +31,9 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # positions filled so far
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's (B, nkv, T, hd) keys/values; return all so far, (B, nkv, S, hd)."""
         start, end = self.length, self.length + k.size(2)
         if end > self.max_len:
@@ -49,7 +51,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def sinusoidal_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
     """Vaswani et al.'s fixed encoding: (B, T) positions -> (B, T, dim), sin/cos interleaved."""
     inv_freq = torch.exp(
-        torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) * (-math.log(10000.0) / dim)
+        torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32)
+        * (-math.log(10000.0) / dim)
     )
     angles = positions[..., None].float() * inv_freq  # (B, T, dim/2)
     # an odd dim has one more sin than cos column: drop the last cos
@@ -89,7 +92,9 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, mask, kv_cache: KVCache | None) -> torch.Tensor:
         B, T, d = x.shape
-        q, k, v = self.qkv(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
+        q, k, v = self.qkv(x).split(
+            [self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1
+        )
         q = q.view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
@@ -165,10 +170,14 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if not cfg.vocab_size:
-            raise ValueError("ModelConfig.vocab_size must be set (it normally comes from the tokenizer)")
+            raise ValueError(
+                "ModelConfig.vocab_size must be set (it normally comes from the tokenizer)"
+            )
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_encoding == "learned" else None
+        self.wpe = (
+            nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_encoding == "learned" else None
+        )
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
@@ -212,7 +221,7 @@ class GPT(nn.Module):
     def _positions(self, B, T, offset, attention_mask, position_ids, device) -> torch.Tensor:
         if position_ids is not None:
             return position_ids
-        if attention_mask is not None:  # left padding: count real tokens only
+        if attention_mask is not None and attention_mask.dim() == 2:  # padding: count real tokens
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
             return pos[:, offset : offset + T]
         return torch.arange(offset, offset + T, device=device).unsqueeze(0).expand(B, T)
@@ -220,6 +229,10 @@ class GPT(nn.Module):
     def _mask(self, T, S, offset, attention_mask, device) -> torch.Tensor | bool:
         """True = plain causal (SDPA's fast path), False = attend to everything (one-token
         decode), else a boolean (B or 1, 1, T, S) mask where True means 'may attend'."""
+        if (
+            attention_mask is not None and attention_mask.dim() == 4
+        ):  # caller-built, e.g. per document
+            return attention_mask.bool()
         window = self.config.sliding_window
         if attention_mask is None and (window is None or window >= S):
             if offset == 0:
@@ -247,7 +260,8 @@ class GPT(nn.Module):
         """input_ids (B, T) -> logits (B, T, V).
 
         attention_mask (B, S), 1 for real tokens and 0 for padding, covers the cached
-        positions plus the new ones (S = cache length + T). position_ids (B, T) default to
+        positions plus the new ones (S = cache length + T). A 4-D boolean (B, 1, T, S) mask is
+        used as given (True = may attend), e.g. causal attention within packed documents. position_ids (B, T) default to
         counting real tokens, so a left-padded prompt gets the positions it would have alone.
         """
         B, T = input_ids.shape
@@ -296,6 +310,8 @@ class GPT(nn.Module):
         forward = 2 * n + 2 * 2 * cfg.n_layer * cfg.d_model * T
         return 3 * forward if training else forward
 
-    def estimate_mfu(self, tokens_per_s: float, peak_flops: float, seq_len: int | None = None) -> float:
+    def estimate_mfu(
+        self, tokens_per_s: float, peak_flops: float, seq_len: int | None = None
+    ) -> float:
         """Model FLOPs utilisation: achieved training FLOP/s over the device's peak."""
         return tokens_per_s * self.flops_per_token(seq_len) / peak_flops

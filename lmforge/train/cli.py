@@ -109,9 +109,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
             else broadcast_object(_new_run_dir(cfg) if info.is_main else None)
         )
         t = cfg.train
-        train_loader = RandomWindowLoader(
-            data.train, cfg.model.block_size, t.micro_batch_size, t.seed, info.rank, info.world_size
-        )
+        train_loader = _loader(cfg, data.train, t.seed, data.tokenizer, info)
 
         for split, arrays in (("train", data.train), ("validation", data.val)):
             if max(len(a) for a in arrays) <= cfg.model.block_size:
@@ -121,15 +119,8 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
                     "add data or lower model.block_size"
                 )
 
-        def val_batches():
-            loader = RandomWindowLoader(
-                data.val,
-                cfg.model.block_size,
-                t.micro_batch_size,
-                t.seed + 1,
-                info.rank,
-                info.world_size,
-            )
+        def val_batches():  # the same eval_steps batches at every evaluation
+            loader = _loader(cfg, data.val, t.seed + 1, data.tokenizer, info)
             for _ in range(t.eval_steps):
                 yield loader.next_step(1)[0]
 
@@ -159,6 +150,25 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
         return result
     finally:
         destroy_distributed()
+
+
+def _loader(cfg: Config, arrays, seed: int, tokenizer, info):
+    """data.sampling=random: nanoGPT's random windows; packed: every window once per epoch."""
+    t, block = cfg.train, cfg.model.block_size
+    if cfg.data.sampling == "packed":
+        from lmforge.data.packing import PackedLoader
+
+        return PackedLoader(
+            arrays,
+            block,
+            t.micro_batch_size,
+            seed,
+            info.rank,
+            info.world_size,
+            within_document=cfg.data.within_document,
+            eot_id=tokenizer.eot_id,
+        )
+    return RandomWindowLoader(arrays, block, t.micro_batch_size, seed, info.rank, info.world_size)
 
 
 def _report(cfg: Config, model: GPT, tokenizer, run_dir: Path, result: dict[str, Any]) -> None:
