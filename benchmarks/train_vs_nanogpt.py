@@ -95,6 +95,7 @@ def main() -> None:
     p.add_argument("--eval-iters", type=int, default=20)
     p.add_argument("--target", type=float, default=1.886)
     p.add_argument("--lmforge-args", default="", help="extra lmforge overrides, space-separated")
+    p.add_argument("--bf16", action="store_true", help="also run lmforge with bf16 autocast")
     args = p.parse_args()
     r = RECIPE
     prepare_nanogpt_data(args.nanogpt)
@@ -140,22 +141,15 @@ def main() -> None:
     ]
     tokens_per_iter = r["batch_size"] * r["block_size"]
     results = {}
-    for name, cmd, cwd, iter_re, val_re in (
-        (
-            "nanoGPT",
-            nano_cmd,
-            args.nanogpt,
-            r"^iter (\d+): loss",
-            r"^step (\d+): train loss [\d.]+, val loss ([\d.]+)",
-        ),
-        (
-            "lmforge",
-            ours_cmd,
-            Path.cwd(),
-            r"^step (\d+) \| loss",
-            r"^step (\d+) \| val_loss ([\d.]+)",
-        ),
-    ):
+    nano_re = (r"^iter (\d+): loss", r"^step (\d+): train loss [\d.]+, val loss ([\d.]+)")
+    ours_re = (r"^step (\d+) \| loss", r"^step (\d+) \| val_loss ([\d.]+)")
+    runs = [
+        ("nanoGPT", nano_cmd, args.nanogpt, nano_re),
+        ("lmforge", ours_cmd, Path.cwd(), ours_re),
+    ]
+    if args.bf16:
+        runs.append(("lmforge bf16", [*ours_cmd, "--train.precision=bf16"], Path.cwd(), ours_re))
+    for name, cmd, cwd, (iter_re, val_re) in runs:
         print(f"running {name} ...", flush=True)
         results[name] = summarise(
             timed_lines(cmd, cwd), iter_re, val_re, tokens_per_iter, args.target
@@ -164,20 +158,20 @@ def main() -> None:
         f"\nnanoGPT CPU recipe, {args.iters} iters, eval every {args.eval_interval} on {args.eval_iters} batches"
     )
     print(
-        f"{'':10} {'tokens/s':>10} {'time to ' + str(args.target):>16} {'at step':>8} {'final val':>10} {'total s':>8}"
+        f"{'':12} {'tokens/s':>10} {'time to ' + str(args.target):>16} {'at step':>8} {'final val':>10} {'total s':>8}"
     )
     for name, s in results.items():
         hit = f"{s['time_to_target_s']:.1f} s" if s["time_to_target_s"] else "not reached"
         print(
-            f"{name:10} {s['tokens_per_s']:10.0f} {hit:>16} {s['step_at_target'] or '-':>8} "
+            f"{name:12} {s['tokens_per_s']:10.0f} {hit:>16} {s['step_at_target'] or '-':>8} "
             f"{s['final_val'] or float('nan'):10.4f} {s['total_s']:8.1f}"
         )
-    a, b = results["lmforge"], results["nanoGPT"]
-    print(f"\nlmforge / nanoGPT tokens/s: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x")
-    if a["time_to_target_s"] and b["time_to_target_s"]:
-        print(
-            f"lmforge time to target as a fraction of nanoGPT's: {a['time_to_target_s'] / b['time_to_target_s']:.0%}"
-        )
+    base = results["nanoGPT"]
+    for name, ours in list(results.items())[1:]:
+        print(f"\n{name} / nanoGPT tokens/s: {ours['tokens_per_s'] / base['tokens_per_s']:.2f}x")
+        if ours["time_to_target_s"] and base["time_to_target_s"]:
+            fraction = ours["time_to_target_s"] / base["time_to_target_s"]
+            print(f"{name} time to {args.target} as a fraction of nanoGPT's: {fraction:.0%}")
 
 
 if __name__ == "__main__":

@@ -36,11 +36,11 @@ def _check_positive(name: str, value: float | int | None, allow_zero: bool = Fal
 class ModelConfig:
     """Architecture of the decoder. GPT-2 and Llama are both points in this space."""
 
-    preset: str = "shakespeare-char"
+    preset: str = "shakespeare-llama"
     """Named size from lmforge/model/presets.py; its values fill fields the user did not set."""
     vocab_size: int | None = None
     """Vocabulary size; None takes it from the tokenizer."""
-    block_size: int = 64
+    block_size: int = 128
     """Maximum sequence length (context window)."""
     n_layer: int = 4
     n_head: int = 4
@@ -140,14 +140,14 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     seed: int = 1337
-    max_steps: int = 5000
-    micro_batch_size: int = 12
+    max_steps: int = 1350
+    micro_batch_size: int = 32
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step (per process); global batch = micro * accum * world."""
     batch_ramp_interval: int = 0
     """If > 0, start at 1 accumulation step and double it every this many steps up to grad_accum_steps."""
-    lr: float = 1e-3
-    min_lr: float = 1e-4
+    lr: float = 3e-3
+    min_lr: float = 3e-4
     warmup_steps: int = 100
     schedule: str = "cosine"
     """cosine (warmup + cosine to min_lr), wsd (warmup-stable-decay), inverse_sqrt, constant."""
@@ -167,11 +167,11 @@ class TrainConfig:
     log_interval: int = 10
     eval_interval: int = 250
     eval_steps: int = 20
-    ckpt_interval: int = 1000
+    ckpt_interval: int = 500
     keep_last: int = 2
     """Checkpoints kept besides the best one."""
-    max_minutes: float | None = None
-    """Stop cleanly (final eval and checkpoint) after this much training wall time."""
+    max_minutes: float | None = 5.0
+    """Stop cleanly (final eval and checkpoint) after this much training wall time; 0 or null = no limit."""
     max_bad_steps: int = 5
     """Consecutive non-finite losses or gradients after which the run stops."""
 
@@ -191,8 +191,8 @@ class TrainConfig:
             "max_bad_steps",
         ):
             _check_positive(f"train.{name}", getattr(self, name))
-        for name in ("lr", "max_minutes"):
-            _check_positive(f"train.{name}", getattr(self, name))
+        _check_positive("train.lr", self.lr)
+        _check_positive("train.max_minutes", self.max_minutes, allow_zero=True)
         for name in (
             "min_lr",
             "warmup_steps",

@@ -123,7 +123,9 @@ def test_adamw_matches_torch_and_the_formula(text_file, tmp_path):
                     by_hand[n].addcdiv_(m[n] / (1 - b1**t), denom, value=-lr)
             opt.step()
     for (n, p), q in zip(ours_model.named_parameters(), ref_model.parameters()):
-        torch.testing.assert_close(p, q, rtol=0, atol=0)
+        torch.testing.assert_close(
+            p, q, rtol=1e-5, atol=1e-6
+        )  # fused kernel vs torch's reference path
         torch.testing.assert_close(p, by_hand[n], rtol=1e-5, atol=1e-6)
 
 

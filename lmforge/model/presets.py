@@ -6,7 +6,9 @@ from typing import Any
 
 from lmforge.common import LmforgeError
 
-_GPT2 = dict(mlp="gelu_tanh", norm="layernorm", bias=True, pos_encoding="learned", tie_embeddings=True)
+_GPT2 = dict(
+    mlp="gelu_tanh", norm="layernorm", bias=True, pos_encoding="learned", tie_embeddings=True
+)
 _LLAMA = dict(mlp="swiglu", norm="rmsnorm", bias=False, pos_encoding="rope", tie_embeddings=False)
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -21,7 +23,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         _LLAMA, tie_embeddings=True, block_size=128, n_layer=4, n_head=4, n_kv_head=4, d_model=128
     ),
     "gpt2-124m": dict(_GPT2, vocab_size=50257, block_size=1024, n_layer=12, n_head=12, d_model=768),
-    "gpt2-350m": dict(_GPT2, vocab_size=50257, block_size=1024, n_layer=24, n_head=16, d_model=1024),
+    "gpt2-350m": dict(
+        _GPT2, vocab_size=50257, block_size=1024, n_layer=24, n_head=16, d_model=1024
+    ),
     "llama-tiny": dict(_LLAMA, block_size=128, n_layer=2, n_head=4, n_kv_head=2, d_model=64),
     # Llama-3.2-1B's shapes (its "llama3" RoPE frequency scaling is not modelled).
     "llama-1b": dict(
