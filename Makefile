@@ -24,5 +24,9 @@ lint: setup
 	$(BIN)/ruff check lmforge tests benchmarks
 	$(BIN)/ruff format --check lmforge tests benchmarks
 
+# Benchmarks print figures (see BENCHMARKS.md). The nanoGPT comparison needs a checkout of
+# karpathy/nanoGPT: make bench NANOGPT=path/to/nanoGPT
 bench: setup
 	$(BIN)/python benchmarks/generation.py
+	$(BIN)/python benchmarks/data_throughput.py
+	test -z "$(NANOGPT)" || $(BIN)/python benchmarks/train_vs_nanogpt.py --nanogpt $(NANOGPT) --bf16

@@ -436,3 +436,37 @@ def test_keeps_the_last_k_and_the_best_checkpoint(text_file, tmp_path):
     names = sorted(p.name for p in trainer.ckpt_root.glob("step_*"))
     assert names == ["step_0000001", "step_0000004", "step_0000005"]
     assert (trainer.ckpt_root / "latest").read_text().strip() == "step_0000005"
+
+
+def _params_after(cfg, tokens, run_dir, steps=2) -> torch.Tensor:
+    trainer = make_trainer(cfg, tokens, run_dir)
+    rows = [trainer.train_step() for _ in range(steps)]
+    return torch.cat([p.detach().flatten() for p in trainer.model.parameters()]), rows
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(text_file, tmp_path):
+    tokens = torch.randint(0, 65, (4000,))
+    plain, _ = _params_after(tiny_cfg(text_file, tmp_path), tokens, tmp_path / "a")
+    ckpt_cfg = tiny_cfg(text_file, tmp_path, activation_checkpointing=True)
+    checkpointed, _ = _params_after(ckpt_cfg, tokens, tmp_path / "b")
+    torch.testing.assert_close(checkpointed, plain, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_close_to_fp32(text_file, tmp_path, precision):
+    tokens = torch.randint(0, 65, (4000,))
+    _, fp32_rows = _params_after(tiny_cfg(text_file, tmp_path), tokens, tmp_path / "fp32", steps=3)
+    cfg = tiny_cfg(text_file, tmp_path, precision=precision)
+    trainer = make_trainer(cfg, tokens, tmp_path / precision)
+    assert trainer.scaler.is_enabled() == (precision == "fp16")  # dynamic loss scaling for fp16
+    rows = [trainer.train_step() for _ in range(3)]
+    for ours, ref in zip(rows, fp32_rows):
+        assert not ours.get("skipped") and abs(ours["loss"] - ref["loss"]) < 0.05
+
+
+def test_batch_ramp_uses_more_accumulation_steps_over_time(text_file, tmp_path):
+    cfg = tiny_cfg(text_file, tmp_path, grad_accum_steps=4, batch_ramp_interval=2)
+    trainer = make_trainer(cfg, torch.randint(0, 65, (4000,)), tmp_path / "ramp")
+    rows = [trainer.train_step() for _ in range(6)]
+    assert [r["accum"] for r in rows] == [1, 1, 2, 2, 4, 4]
+    assert [r["tokens"] for r in rows][:3] == [4 * 32, 8 * 32, 16 * 32]

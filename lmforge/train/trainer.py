@@ -295,6 +295,7 @@ class Trainer:
                 t0, tokens_before = time.perf_counter(), self.tokens
                 row = self.train_step()
                 row["tokens_per_s"] = (self.tokens - tokens_before) / (time.perf_counter() - t0)
+                row["elapsed_s"] = time.perf_counter() - start
                 if hasattr(raw_model, "estimate_mfu"):
                     row["mfu"] = raw_model.estimate_mfu(row["tokens_per_s"], peak, seq_len)
                 last_train = row
@@ -321,7 +322,7 @@ class Trainer:
                 stop_reason = self._should_stop(start)
                 final = self.step >= t.max_steps or stop_reason is not None
                 if self.val_batches is not None and (self.step % t.eval_interval == 0 or final):
-                    last_eval = self._eval_and_track()
+                    last_eval = self._eval_and_track(start)
                 if self.step % t.ckpt_interval == 0 or final:
                     self.save_checkpoint()
                 if stop_reason:
@@ -336,8 +337,9 @@ class Trainer:
             )
         return {"train": last_train, "eval": last_eval, "stop_reason": stop_reason}
 
-    def _eval_and_track(self) -> dict[str, Any]:
+    def _eval_and_track(self, start: float) -> dict[str, Any]:
         row = self.evaluate()
+        row["elapsed_s"] = time.perf_counter() - start
         if row["val_loss"] < self.best_val:
             self.best_val, self.best_step = row["val_loss"], self.step
         self._log(row, force_print=True)
