@@ -278,7 +278,8 @@ def _parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
-def _read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file holding a mapping, or one clear error line."""
     path = Path(path)
     if not path.is_file():
         raise LmforgeError(f"config file not found: {path}")
@@ -295,7 +296,7 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
 
 def build_config(*layers: dict[str, Any] | str | Path, overrides: list[str] = ()) -> Config:
     """Merge defaults <- preset <- each layer (dict or YAML path) <- overrides into a checked Config."""
-    dicts = [_read_yaml(x) if isinstance(x, (str, Path)) else x for x in layers]
+    dicts = [read_yaml(x) if isinstance(x, (str, Path)) else x for x in layers]
     dicts.append(_parse_overrides(list(overrides)))
     try:
         schema = OmegaConf.structured(Config)

@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lmforge.common import LmforgeError
+from lmforge.config import read_yaml
 from lmforge.data.clean import CleanConfig, Cleaner
 from lmforge.data.collect import (
     CollectStats,
@@ -118,14 +118,7 @@ def load_prepare_config(path: str | Path | None = None, **overrides: Any) -> Pre
     base = Path(".")
     if path:
         path = Path(path)
-        if not path.is_file():
-            raise LmforgeError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise LmforgeError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise LmforgeError(f"{path} must hold a mapping (sources, clean, dedup, ...)")
+        data = read_yaml(path)
         layers.append(data)
         base = path.parent
     layers.append({k: v for k, v in overrides.items() if v is not None})
@@ -144,9 +137,8 @@ def load_prepare_config(path: str | Path | None = None, **overrides: Any) -> Pre
         )
         hint = f"; did you mean '{near[0]}'?" if near else ""
         raise LmforgeError(f"prepare config key '{key}': {str(e).splitlines()[0]}{hint}") from None
-    for (
-        src
-    ) in cfg.sources:  # relative paths: from the working directory, else from the YAML's folder
+    # relative paths: from the working directory, else from the YAML's folder
+    for src in cfg.sources:
         src.paths = [
             p
             if Path(p).exists()
