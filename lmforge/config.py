@@ -43,10 +43,13 @@ class ModelConfig:
     block_size: int = 128
     """Maximum sequence length (context window)."""
     n_layer: int = 4
+    """Transformer blocks."""
     n_head: int = 4
+    """Query heads per attention layer."""
     n_kv_head: int | None = None
     """Key/value heads for grouped-query attention; None = n_head (MHA), 1 = multi-query."""
     d_model: int = 128
+    """Width of the residual stream."""
     ffn_hidden: int | None = None
     """FFN hidden size; None = 4*d_model for GELU, Llama's 2/3*4*d_model rounded up to 64 for SwiGLU."""
     mlp: str = "gelu"
@@ -54,6 +57,7 @@ class ModelConfig:
     norm: str = "layernorm"
     """layernorm or rmsnorm."""
     norm_eps: float = 1e-5
+    """Epsilon of LayerNorm/RMSNorm."""
     norm_position: str = "pre"
     """pre (GPT-2, Llama) or post (original Transformer)."""
     bias: bool = True
@@ -61,6 +65,7 @@ class ModelConfig:
     pos_encoding: str = "learned"
     """learned, sinusoidal, rope or none."""
     rope_theta: float = 10000.0
+    """RoPE base frequency (Llama 3: 500000)."""
     sliding_window: int | None = None
     """If set, each token attends to at most this many most recent tokens (itself included)."""
     dropout: float = 0.0
@@ -70,6 +75,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     """Share the output head's weight with the token embedding."""
     init_std: float = 0.02
+    """Standard deviation of the GPT-2 weight init."""
 
     def __post_init__(self) -> None:
         _check_choice("model.mlp", self.mlp, ("gelu", "gelu_tanh", "swiglu"))
@@ -140,34 +146,51 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     seed: int = 1337
+    """Fixes init, data order and dropout: same seed, same run (bitwise on CPU)."""
     max_steps: int = 1350
+    """Optimizer steps; the LR schedule is laid out over them."""
     micro_batch_size: int = 32
+    """Sequences per forward/backward pass (per process)."""
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step (per process); global batch = micro * accum * world."""
     batch_ramp_interval: int = 0
     """If > 0, start at 1 accumulation step and double it every this many steps up to grad_accum_steps."""
     lr: float = 3e-3
+    """Peak learning rate."""
     min_lr: float = 3e-4
+    """Learning rate at the end of the decay."""
     warmup_steps: int = 100
+    """Linear warmup steps."""
     schedule: str = "cosine"
     """cosine (warmup + cosine to min_lr), wsd (warmup-stable-decay), inverse_sqrt, constant."""
     decay_fraction: float = 0.2
     """wsd: fraction of max_steps spent in the final linear decay to min_lr."""
     weight_decay: float = 0.1
+    """AdamW decoupled weight decay, on parameters of dim >= 2 only."""
     beta1: float = 0.9
+    """AdamW beta1."""
     beta2: float = 0.99
+    """AdamW beta2."""
     eps: float = 1e-8
+    """AdamW epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""
     label_smoothing: float = 0.0
+    """Cross-entropy label smoothing (training loss only; eval is plain)."""
     precision: str = "auto"
     """auto (bf16 on capable GPUs, fp32 on CPU), fp32, bf16 or fp16 (with dynamic loss scaling)."""
     compile: bool = False
+    """torch.compile the model (pays off on GPUs; not on small CPU models)."""
     activation_checkpointing: bool = False
+    """Recompute each block in the backward pass to save memory."""
     log_interval: int = 10
+    """Steps between metrics rows."""
     eval_interval: int = 250
+    """Steps between evaluations on the validation split."""
     eval_steps: int = 20
+    """Validation batches per evaluation (the same batches every time)."""
     ckpt_interval: int = 500
+    """Steps between checkpoints (one is always written at the end)."""
     keep_last: int = 2
     """Checkpoints kept besides the best one."""
     max_minutes: float | None = 5.0
@@ -212,9 +235,11 @@ class RunConfig:
     name: str = ""
     """Run folder name under run.dir; empty = a timestamped name."""
     dir: str = "runs"
+    """Folder that holds the run folders."""
     device: str = "auto"
     """auto (cuda > mps > cpu), or a torch device string."""
     tensorboard: bool = True
+    """Write TensorBoard events to <run>/tensorboard."""
     wandb_project: str = ""
     """Log to this Weights & Biases project as well (needs `pip install wandb`)."""
     mlflow: bool = False

@@ -151,7 +151,7 @@ def _gpt2_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
             problems.append(f"{key}={hf[key]}")
     _unsupported(where, problems)
     return {
-        "preset": "gpt2-124m",
+        "preset": "custom",
         "mlp": _GPT2_ACTIVATIONS[act],
         "norm": "layernorm",
         "pos_encoding": "learned",
@@ -188,7 +188,7 @@ def _llama_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
     theta = _rope_theta(hf, where)
     _unsupported(where, problems)
     return {
-        "preset": "llama-tiny",
+        "preset": "custom",
         "mlp": "swiglu",
         "norm": "rmsnorm",
         "pos_encoding": "rope",
@@ -208,7 +208,7 @@ def _llama_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
 
 def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> Config:
     """A HF config.json (as a dict) -> a full lmforge Config whose model fields all come from
-    it (the preset only names the family; every field it would fill is set explicitly)."""
+    it (preset 'custom': every field is set explicitly)."""
     kind = hf.get("model_type")
     readers = {"gpt2": _gpt2_fields, "llama": _llama_fields}
     if kind not in readers:

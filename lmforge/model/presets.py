@@ -12,6 +12,8 @@ _GPT2 = dict(
 _LLAMA = dict(mlp="swiglu", norm="rmsnorm", bias=False, pos_encoding="rope", tie_embeddings=False)
 
 PRESETS: dict[str, dict[str, Any]] = {
+    # No preset: every field is ModelConfig's default or set explicitly (imported models use it).
+    "custom": {},
     # For tests: < 100k parameters with a character vocabulary.
     "tiny": dict(_GPT2, mlp="gelu", block_size=32, n_layer=2, n_head=2, d_model=32),
     # nanoGPT's CPU recipe for shakespeare_char (bias off, as nanoGPT's train.py defaults).
