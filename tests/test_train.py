@@ -470,3 +470,32 @@ def test_batch_ramp_uses_more_accumulation_steps_over_time(text_file, tmp_path):
     rows = [trainer.train_step() for _ in range(6)]
     assert [r["accum"] for r in rows] == [1, 1, 2, 2, 4, 4]
     assert [r["tokens"] for r in rows][:3] == [4 * 32, 8 * 32, 16 * 32]
+
+
+def test_wandb_and_mlflow_receive_the_same_scalars(text_file, tmp_path, monkeypatch):
+    """The trackers are optional installs; stand-ins record what the logger sends them."""
+    import types
+
+    from lmforge.train.metrics import MetricsLogger
+
+    calls: dict[str, list] = {"wandb": [], "mlflow": []}
+    wandb = types.SimpleNamespace(
+        init=lambda **kw: types.SimpleNamespace(
+            log=lambda scalars, step: calls["wandb"].append((step, scalars)), finish=lambda: None
+        )
+    )
+    mlflow = types.SimpleNamespace(
+        start_run=lambda **kw: None,
+        log_params=lambda params: None,
+        log_metrics=lambda scalars, step: calls["mlflow"].append((step, scalars)),
+        end_run=lambda: None,
+    )
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setitem(sys.modules, "mlflow", mlflow)
+    cfg = tiny_cfg(text_file, tmp_path)
+    cfg.run.wandb_project, cfg.run.mlflow = "p", True
+    logger = MetricsLogger(tmp_path, cfg.run, {"train": {"lr": 1.0}})
+    logger.log({"step": 3, "loss": 2.5, "lr": 1e-3, "skipped": True})
+    logger.close()
+    assert calls["wandb"] == calls["mlflow"] == [(3, {"loss": 2.5, "lr": 1e-3, "skipped": True})]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 2.5
