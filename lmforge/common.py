@@ -19,10 +19,6 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def is_rank0() -> bool:
     return rank() == 0
 

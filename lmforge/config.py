@@ -256,26 +256,23 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def _all_keys(cls: type, prefix: str = "") -> list[str]:
+def dataclass_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of a dataclass tree, sections included ('train', 'train.lr', ...):
+    the candidates for 'did you mean' suggestions."""
     keys = []
     for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
-            keys += _all_keys(type(default), f"{prefix}{f.name}.")
-        else:
-            keys.append(f"{prefix}{f.name}")
+            keys += dataclass_keys(type(default), f"{prefix}{f.name}.")
+        keys.append(f"{prefix}{f.name}")
     return keys
-
-
-def all_keys() -> list[str]:
-    return _all_keys(Config)
 
 
 def _friendly(err: OmegaConfBaseException) -> LmforgeError:
     key = getattr(err, "full_key", None) or ""
     msg = str(err).splitlines()[0]
     if "not in" in msg or "Key '" in msg and "not" in msg:
-        near = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+        near = difflib.get_close_matches(key, dataclass_keys(Config), n=1, cutoff=0.5)
         hint = f"; did you mean '{near[0]}'?" if near else ""
         return LmforgeError(f"unknown config key '{key}'{hint}")
     return LmforgeError(f"bad value for config key '{key}': {msg}")
@@ -349,10 +346,6 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-
-
-def load_config(path: str | Path) -> Config:
-    return build_config(path)
 
 
 def field_docs(cls: type) -> dict[str, str]:

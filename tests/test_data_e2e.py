@@ -8,66 +8,51 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(
-    not (ROOT / "lmforge" / "train" / "cli.py").exists(), reason="trainer not present"
-)
+def lmforge(*args: str, timeout: int) -> subprocess.CompletedProcess:
+    """Run `python -m lmforge ARGS` from the repository root; fail with its stderr."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmforge", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
 def test_prepare_then_train_20_steps_loss_falls(tmp_path):
     data = tmp_path / "data"
     recipe = ROOT / "configs" / "prepare_shakespeare_instructions.yaml"
-    run = [sys.executable, "-m", "lmforge"]
-    prep = subprocess.run(
-        [
-            *run,
-            "prepare",
-            "--config",
-            str(recipe),
-            "--out",
-            str(data),
-            "--tokenizer",
-            "train:512",
-            "--workers",
-            "1",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    lmforge(
+        "prepare", "--config", str(recipe), "--out", str(data),
+        "--tokenizer", "train:512", "--workers", "1",
         timeout=120,
-    )
-    assert prep.returncode == 0, prep.stderr
-    train = subprocess.run(
-        [
-            *run,
-            "train",
-            f"--data.path={data}",
-            f"--data.tokenizer={data / 'tokenizer'}",
-            "--model.preset=tiny",
-            "--model.block_size=64",
-            "--model.d_model=64",
-            "--model.n_head=4",
-            "--train.max_steps=20",
-            "--train.micro_batch_size=8",
-            "--train.lr=3e-3",
-            "--train.min_lr=3e-4",
-            "--train.warmup_steps=2",
-            "--train.log_interval=1",
-            "--train.eval_interval=20",
-            "--train.eval_steps=2",
-            "--run.name=e2e",
-            f"--run.dir={tmp_path / 'runs'}",
-            "--run.tensorboard=false",
-            "--run.sample_tokens=0",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert train.returncode == 0, train.stderr[-2000:]
+    )  # fmt: skip
+    train_args = [
+        "train",
+        f"--data.path={data}",
+        f"--data.tokenizer={data / 'tokenizer'}",
+        "--model.preset=tiny",
+        "--model.block_size=64",
+        "--model.d_model=64",
+        "--model.n_head=4",
+        "--train.max_steps=20",
+        "--train.micro_batch_size=8",
+        "--train.lr=3e-3",
+        "--train.min_lr=3e-4",
+        "--train.warmup_steps=2",
+        "--train.log_interval=1",
+        "--train.eval_interval=20",
+        "--train.eval_steps=2",
+        f"--run.dir={tmp_path / 'runs'}",
+        "--run.tensorboard=false",
+        "--run.sample_tokens=0",
+    ]
+    lmforge(*train_args, "--run.name=e2e", timeout=240)
     rows = [
         json.loads(line)
         for line in (tmp_path / "runs" / "e2e" / "metrics.jsonl").read_text().splitlines()
@@ -77,17 +62,11 @@ def test_prepare_then_train_20_steps_loss_falls(tmp_path):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
 
     # the same prepared folder, each window once per epoch, attention kept within documents
-    packed = subprocess.run(
-        [
-            *train.args,
-            "--data.sampling=packed",
-            "--data.within_document=true",
-            "--train.max_steps=4",
-            "--run.name=packed",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    lmforge(
+        *train_args,
+        "--data.sampling=packed",
+        "--data.within_document=true",
+        "--train.max_steps=4",
+        "--run.name=packed",
         timeout=240,
     )
-    assert packed.returncode == 0, packed.stderr[-2000:]

@@ -245,6 +245,17 @@ class _Prefixed(io.RawIOBase):
         return len(data)
 
 
+def _record_document(
+    record: Any, src: SourceConfig, stats: CollectStats, where: str
+) -> Document | None:
+    """A JSON record's text fields as a Document, or None (counted) when they are missing."""
+    text = _join_fields(record, src.text_field)
+    if text is None:
+        stats.skip("missing_field", where, f"no {'/'.join(src.text_field)}")
+        return None
+    return Document(text, src.name, where)
+
+
 def _jsonl(
     stream: IO[bytes], src: SourceConfig, stats: CollectStats, where: str
 ) -> Iterator[Document]:
@@ -259,11 +270,9 @@ def _jsonl(
         except json.JSONDecodeError:
             stats.skip("bad_json", f"{where}:{lineno}")
             continue
-        text = _join_fields(record, src.text_field)
-        if text is None:
-            stats.skip("missing_field", f"{where}:{lineno}", f"no {'/'.join(src.text_field)}")
-            continue
-        yield Document(text, src.name, f"{where}:{lineno}")
+        doc = _record_document(record, src, stats, f"{where}:{lineno}")
+        if doc is not None:
+            yield doc
 
 
 def _json(
@@ -284,11 +293,9 @@ def _json(
         stats.skip("bad_json", where, "expected a list of records")
         return
     for i, record in enumerate(data):
-        doc = _join_fields(record, src.text_field)
-        if doc is None:
-            stats.skip("missing_field", f"{where}[{i}]", f"no {'/'.join(src.text_field)}")
-            continue
-        yield Document(doc, src.name, f"{where}[{i}]")
+        doc = _record_document(record, src, stats, f"{where}[{i}]")
+        if doc is not None:
+            yield doc
 
 
 def _csv(

@@ -32,7 +32,7 @@ class RandomWindowLoader:
         rank: int = 0,
         world_size: int = 1,
     ):
-        self.arrays = [np.asarray(a) if not isinstance(a, np.memmap) else a for a in arrays]
+        self.arrays = [np.asarray(a) for a in arrays]  # memmaps stay views, no copy
         self.block_size = block_size
         self.micro_batch_size = micro_batch_size
         self.rank, self.world_size = rank, world_size

@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lmforge.common import LmforgeError
-from lmforge.config import read_yaml
+from lmforge.config import dataclass_keys, read_yaml
 from lmforge.data.clean import CleanConfig, Cleaner
 from lmforge.data.collect import (
     CollectStats,
@@ -102,16 +102,6 @@ class PrepareConfig:
 # ---------------------------------------------------------------- config
 
 
-def _keys(cls: type, prefix: str = "") -> list[str]:
-    out = []
-    for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            out += _keys(type(default), f"{prefix}{f.name}.")
-        out.append(f"{prefix}{f.name}")
-    return out
-
-
 def load_prepare_config(path: str | Path | None = None, **overrides: Any) -> PrepareConfig:
     """Defaults <- YAML file <- keyword overrides, type-checked; unknown keys name the nearest one."""
     layers: list[dict[str, Any]] = []
@@ -133,7 +123,9 @@ def load_prepare_config(path: str | Path | None = None, **overrides: Any) -> Pre
             p for p in key.replace("[", ".").replace("]", "").split(".") if not p.isdigit()
         )
         near = difflib.get_close_matches(
-            plain, _keys(PrepareConfig) + [f"sources.{k}" for k in _keys(SourceConfig)], n=1
+            plain,
+            dataclass_keys(PrepareConfig) + dataclass_keys(SourceConfig, "sources."),
+            n=1,
         )
         hint = f"; did you mean '{near[0]}'?" if near else ""
         raise LmforgeError(f"prepare config key '{key}': {str(e).splitlines()[0]}{hint}") from None

@@ -125,11 +125,26 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if is_checkpoint(path):
         return path
-    latest = path / "checkpoints" / LATEST
-    if latest.is_file():
-        target = path / "checkpoints" / latest.read_text(encoding="utf-8").strip()
-        if is_checkpoint(target):
-            return target
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        return latest
     if not path.exists():
         raise LmforgeError(f"checkpoint folder not found: {path}")
     raise LmforgeError(f"{path} is neither a checkpoint nor a run folder with checkpoints")
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint a run folder's `checkpoints/latest` pointer names, if it is complete."""
+    pointer = Path(run_dir) / "checkpoints" / LATEST
+    if not pointer.is_file():
+        return None
+    target = pointer.parent / pointer.read_text(encoding="utf-8").strip()
+    return target if is_checkpoint(target) else None
+
+
+def set_latest(folder: Path) -> None:
+    """Point the run's `latest` file at `folder` (a sibling checkpoint), atomically."""
+    pointer = folder.parent / LATEST
+    tmp = pointer.with_name(LATEST + ".tmp")
+    tmp.write_text(folder.name + "\n", encoding="utf-8")
+    tmp.replace(pointer)

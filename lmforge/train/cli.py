@@ -56,10 +56,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     if args.resume:
         run_dir = Path(args.resume)
-        if (
-            not (run_dir / "config.yaml").is_file()
-            or not (run_dir / "checkpoints" / ckpt.LATEST).is_file()
-        ):
+        if not (run_dir / "config.yaml").is_file() or ckpt.latest_checkpoint(run_dir) is None:
             raise LmforgeError(
                 f"--resume={run_dir}: not an lmforge run folder with a checkpoint "
                 "(expected config.yaml and checkpoints/latest)"
@@ -109,8 +106,6 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
             else broadcast_object(_new_run_dir(cfg) if info.is_main else None)
         )
         t = cfg.train
-        train_loader = _loader(cfg, data.train, t.seed, data.tokenizer, info)
-
         for split, arrays in (("train", data.train), ("validation", data.val)):
             if max(len(a) for a in arrays) <= cfg.model.block_size:
                 raise LmforgeError(
@@ -118,6 +113,8 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
                     f"tokens, fewer than model.block_size+1={cfg.model.block_size + 1}; "
                     "add data or lower model.block_size"
                 )
+
+        train_loader = _loader(cfg, data.train, t.seed, data.tokenizer, info)
 
         def val_batches():  # the same eval_steps batches at every evaluation
             loader = _loader(cfg, data.val, t.seed + 1, data.tokenizer, info)
@@ -189,8 +186,7 @@ def _report(cfg: Config, model: GPT, tokenizer, run_dir: Path, result: dict[str,
             f"final val_loss {ev['val_loss']:.4f} (ppl {ev['val_ppl']:.2f}"
             + (f", bpb {ev['val_bpb']:.4f})" if "val_bpb" in ev else ")")
         )
-    latest = run_dir / "checkpoints" / ckpt.LATEST
-    where = run_dir / "checkpoints" / latest.read_text().strip() if latest.is_file() else run_dir
+    where = ckpt.latest_checkpoint(run_dir) or run_dir
     print0(
         f"run folder: {run_dir}  (config.yaml, metrics.jsonl, tensorboard/)\n"
         f"checkpoint: {where}\n"

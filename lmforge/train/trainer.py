@@ -63,6 +63,24 @@ def causal_lm_loss(label_smoothing: float = 0.0) -> LossFn:
     return loss_fn
 
 
+# Columns of the printed log line and their formats (metrics.jsonl keeps full precision).
+_PRINTED = {
+    "loss": ".4f",
+    "val_loss": ".4f",
+    "val_bpb": ".4f",
+    "lr": ".2e",
+    "grad_norm": ".4f",
+    "tokens_per_s": ".0f",
+    "mfu": ".1%",
+}
+
+
+def _mean_over_ranks(loss_sum: torch.Tensor, n_sum: torch.Tensor) -> tuple[float, float]:
+    """Unit-weighted mean loss over all ranks, and the total number of units."""
+    stats = all_reduce_sum(torch.stack([loss_sum, n_sum]))
+    return (stats[0] / stats[1].clamp(min=1)).item(), stats[1].item()
+
+
 class Trainer:
     def __init__(
         self,
@@ -127,9 +145,8 @@ class Trainer:
                 self.scaler.scale(loss * n).backward()
             loss_sum += loss.detach().double() * n
             n_sum += n
-        stats = all_reduce_sum(torch.stack([loss_sum, n_sum]))
-        loss_value = (stats[0] / stats[1].clamp(min=1)).item()
-        grad_scale = self.dist.world_size / max(stats[1].item(), 1.0)  # DDP averaged over ranks
+        loss_value, n_total = _mean_over_ranks(loss_sum, n_sum)
+        grad_scale = self.dist.world_size / max(n_total, 1.0)  # DDP averaged over ranks
         self.scaler.unscale_(opt)
         grads = [p.grad for p in self.params if p.grad is not None]
         torch._foreach_mul_(grads, grad_scale)
@@ -173,8 +190,7 @@ class Trainer:
                 loss, metrics = self.eval_loss_fn(self.model, batch)
             loss_sum += loss.double() * metrics["n"]
             n_sum += metrics["n"]
-        stats = all_reduce_sum(torch.stack([loss_sum, n_sum]))
-        val_loss = (stats[0] / stats[1].clamp(min=1)).item()
+        val_loss, _ = _mean_over_ranks(loss_sum, n_sum)
         row = {
             "step": self.step,
             "tokens": self.tokens,
@@ -213,7 +229,7 @@ class Trainer:
             return None
         folder = self.ckpt_root / f"step_{self.step:07d}"
         ckpt.save_checkpoint(folder, self.model, self.cfg, self.tokenizer, self.trainer_state())
-        _write_pointer(self.ckpt_root / ckpt.LATEST, folder.name)
+        ckpt.set_latest(folder)
         self._prune()
         return folder
 
@@ -276,9 +292,8 @@ class Trainer:
         if main:
             save_config(cfg, self.run_dir / "config.yaml")
         self._install_signal_handlers()
-        raw_model = self.model
         peak = device_peak_flops(self.device, self.precision)
-        seq_len = getattr(getattr(raw_model, "config", None), "block_size", None)
+        seq_len = getattr(getattr(self.model, "config", None), "block_size", None)
         bar = tqdm(
             total=t.max_steps,
             initial=self.step,
@@ -296,16 +311,15 @@ class Trainer:
                 row = self.train_step()
                 row["tokens_per_s"] = (self.tokens - tokens_before) / (time.perf_counter() - t0)
                 row["elapsed_s"] = time.perf_counter() - start
-                if hasattr(raw_model, "estimate_mfu"):
-                    row["mfu"] = raw_model.estimate_mfu(row["tokens_per_s"], peak, seq_len)
+                if hasattr(self.model, "estimate_mfu"):
+                    row["mfu"] = self.model.estimate_mfu(row["tokens_per_s"], peak, seq_len)
                 last_train = row
                 if row.get("skipped"):
                     self._log(
                         row, force_print=True, note="non-finite loss or gradient: step skipped"
                     )
                     if self.bad_steps >= t.max_bad_steps:
-                        latest = self.ckpt_root / ckpt.LATEST
-                        kept = latest.read_text().strip() if latest.is_file() else "none"
+                        kept = ckpt.latest_checkpoint(self.run_dir) or "none"
                         raise LmforgeError(
                             f"{self.bad_steps} non-finite steps in a row at step {self.step}; "
                             f"stopping (last good checkpoint: {kept}). Lower train.lr or check the data."
@@ -350,23 +364,6 @@ class Trainer:
         if not self.dist.is_main or not (force_print or not sys.stderr.isatty()):
             return
         parts = [f"step {row['step']}"]
-        for key in ("loss", "val_loss", "val_bpb", "lr", "grad_norm", "tokens_per_s", "mfu"):
-            if key in row:
-                value = row[key]
-                parts.append(
-                    f"{key} {value:.2e}"
-                    if key == "lr"
-                    else f"{key} {value:.1%}"
-                    if key == "mfu"
-                    else f"{key} {value:.0f}"
-                    if key == "tokens_per_s"
-                    else f"{key} {value:.4f}"
-                )
+        parts += [f"{key} {row[key]:{fmt}}" for key, fmt in _PRINTED.items() if key in row]
         message = " | ".join(parts) + (f" | {note}" if note else "")
         tqdm.write(message, file=sys.stdout)
-
-
-def _write_pointer(path: Path, target: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(target + "\n", encoding="utf-8")
-    tmp.replace(path)
