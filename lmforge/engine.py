@@ -161,7 +161,8 @@ class Engine:
         padded = not bool(mask.all())  # without padding, no mask: SDPA's causal fast path
 
         def full(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            return self.model(ids, attention_mask=mask if padded else None)[:, -1]
+            mask = mask if padded else None
+            return self.model(ids, attention_mask=mask, logits_to_keep=1)[:, -1]  # (B, V)
 
         if not use_cache:
             return full
@@ -170,7 +171,8 @@ class Engine:
 
         def cached(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             new = ids[:, cache.length :]  # (B, P) at prefill, (B, 1) when decoding
-            return self.model(new, attention_mask=mask if padded else None, kv_cache=cache)[:, -1]
+            mask = mask if padded else None
+            return self.model(new, attention_mask=mask, kv_cache=cache, logits_to_keep=1)[:, -1]
 
         return cached
 

@@ -1,10 +1,18 @@
 """Tokenizers: char and byte (built in), and BPE through Hugging Face `tokenizers`.
 
 Every tokenizer has `encode(str) -> list[int]`, `encode_batch(list[str])`, `decode(list[int])
--> str`, `vocab_size`, `eot_id` (None when it has no end-of-text token) and `save(folder)`;
-`load_tokenizer(folder)` reads any of them back, including a GPT-2 `encoder.json` +
-`vocab.bpe` pair. `train_bpe` trains a byte-level BPE (GPT-2's pre-tokenisation, no
-normaliser, so every Unicode string round-trips exactly) with lmforge's special tokens.
+-> str`, `vocab_size`, `eot_id` (the end-of-sequence id, None when there is none), `bos_id`
+(None when there is none), `add_bos` (encode prepends bos_id), `stop_ids` (eot_id plus any
+other ids that end generation) and `save(folder)`; `load_tokenizer(folder)` reads any of them
+back, including a GPT-2 `encoder.json` + `vocab.bpe` pair. `train_bpe` trains a byte-level BPE
+(GPT-2's pre-tokenisation, no normaliser, so every Unicode string round-trips exactly) with
+lmforge's special tokens.
+
+lmforge's own tokenizers end documents with `<|endoftext|>` and have no BOS. A Hugging Face
+folder (e.g. an imported Llama) says its own: tokenizer_config.json's `bos_token`,
+`eos_token` and `add_bos_token`, and generation_config.json's (else config.json's)
+`eos_token_id`, one id or a list, all of which stop generation. `save` records the resolved
+ids in SPECIAL_IDS_FILE, so a checkpoint's tokenizer/ folder keeps them exactly.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ SPECIAL_TOKENS = [EOT, PAD, SYSTEM, USER, ASSISTANT, END_TURN]
 """Added to every trained BPE in this order, so `<|endoftext|>` is id 0 and `<|pad|>` id 1."""
 CHAR_FILE = "char_vocab.json"
 BYTE_FILE = "byte_vocab.json"
+SPECIAL_IDS_FILE = "lmforge_special_ids.json"
+"""bos_id, eot_id, stop_ids and add_bos of a saved HF tokenizer, as lmforge resolved them."""
 
 
 class CharTokenizer:
@@ -33,12 +43,15 @@ class CharTokenizer:
     optional end-of-text id after them."""
 
     kind = "char"
+    bos_id = None
+    add_bos = False
 
     def __init__(self, chars: list[str], with_eot: bool = False):
         self.chars = list(chars)
         self.with_eot = with_eot
         self._ids = {c: i for i, c in enumerate(self.chars)}
         self.eot_id = len(self.chars) if with_eot else None
+        self.stop_ids = () if self.eot_id is None else (self.eot_id,)
         self.vocab_size = len(self.chars) + int(with_eot)
 
     @classmethod
@@ -75,6 +88,9 @@ class ByteTokenizer:
     kind = "byte"
     vocab_size = 257
     eot_id = 256
+    stop_ids = (256,)
+    bos_id = None
+    add_bos = False
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -92,23 +108,40 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face `tokenizers.Tokenizer` (byte-level BPE and friends)."""
+    """A Hugging Face `tokenizers.Tokenizer` (byte-level BPE and friends).
+
+    eot_id defaults to `<|endoftext|>`'s id. The tokenizer's own post-processor is never run:
+    encode adds BOS itself when add_bos is set, so what it returns does not depend on how
+    tokenizer.json and tokenizer_config.json agree (transformers 4 and 5 differ there)."""
 
     kind = "hf"
 
-    def __init__(self, tok):
+    def __init__(
+        self,
+        tok,
+        bos_id: int | None = None,
+        eot_id: int | None = None,
+        extra_stop_ids: Iterable[int] = (),
+        add_bos: bool = False,
+    ):
         self.tok = tok
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
-        self.eot_id = tok.token_to_id(EOT)
+        self.eot_id = tok.token_to_id(EOT) if eot_id is None else eot_id
         self.pad_id = tok.token_to_id(PAD)
+        self.bos_id = bos_id
+        self.add_bos = add_bos and bos_id is not None
+        first = [] if self.eot_id is None else [self.eot_id]
+        self.stop_ids = tuple(dict.fromkeys([*first, *extra_stop_ids]))  # in order, no repeats
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if self.add_bos else ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts at once on all cores (the Rust side parallelises the batch)."""
         fast = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
-        return [e.ids for e in fast(list(texts), add_special_tokens=False)]
+        bos = [self.bos_id] if self.add_bos else []
+        return [bos + e.ids for e in fast(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)
@@ -117,14 +150,94 @@ class HFTokenizer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.tok.save(str(folder / "tokenizer.json"))
-        # Lets `transformers.AutoTokenizer.from_pretrained(folder)` load it as a fast tokenizer.
-        hf_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30}
-        for key, token in (("eos_token", EOT), ("bos_token", EOT), ("pad_token", PAD)):
-            if self.tok.token_to_id(token) is not None:
-                hf_config[key] = token
         (folder / "tokenizer_config.json").write_text(
-            json.dumps(hf_config, indent=2), encoding="utf-8"
+            json.dumps(self.hf_tokenizer_config(1 << 30), indent=2), encoding="utf-8"
         )
+        special = {
+            "bos_id": self.bos_id,
+            "eot_id": self.eot_id,
+            "stop_ids": list(self.stop_ids),
+            "add_bos": self.add_bos,
+        }
+        (folder / SPECIAL_IDS_FILE).write_text(json.dumps(special), encoding="utf-8")
+
+    def hf_tokenizer_config(self, max_length: int) -> dict:
+        """A tokenizer_config.json that lets `transformers.AutoTokenizer.from_pretrained`
+        load the folder as a fast tokenizer with our BOS/EOS (without a BOS, `<|endoftext|>`
+        is named as GPT-2 does) and pad token."""
+        config: dict = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": max_length,
+        }
+        bos = self.tok.id_to_token(self.bos_id) if self.bos_id is not None else None
+        for key, token in (
+            ("eos_token", self.tok.id_to_token(self.eot_id) if self.eot_id is not None else None),
+            ("bos_token", bos or (EOT if self.tok.token_to_id(EOT) is not None else None)),
+            ("pad_token", PAD if self.pad_id is not None else None),
+        ):
+            if token is not None:
+                config[key] = token
+        if self.bos_id is not None:
+            config["add_bos_token"] = self.add_bos
+        return config
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object file -> dict; {} when the file is absent or holds something else."""
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
+
+
+def _special_ids(folder: Path, tok) -> dict:
+    """HFTokenizer's keyword arguments for a folder: SPECIAL_IDS_FILE when lmforge wrote it,
+    else what transformers reads (see the module docstring). Without an add_bos_token the
+    tokenizer.json post-processor decides, as it does in transformers."""
+    own = _read_json(folder / SPECIAL_IDS_FILE)
+    if own:
+        return {
+            "bos_id": own["bos_id"],
+            "eot_id": own["eot_id"],
+            "extra_stop_ids": own["stop_ids"],
+            "add_bos": own["add_bos"],
+        }
+    tok_config = _read_json(folder / "tokenizer_config.json")
+    generation = _read_json(folder / "generation_config.json")
+    model_config = _read_json(folder / "config.json")
+
+    def token_id(token) -> int | None:  # a string, or an AddedToken dict {"content": ...}
+        if isinstance(token, dict):
+            token = token.get("content")
+        return tok.token_to_id(token) if isinstance(token, str) else None
+
+    def config_ids(key: str) -> list[int]:  # an int or a list of ints
+        for config in (generation, model_config):
+            value = config.get(key)
+            if value is not None:
+                values = value if isinstance(value, list) else [value]
+                return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+        return []
+
+    eos_ids = config_ids("eos_token_id")
+    eot = token_id(tok_config.get("eos_token"))
+    if eot is None:
+        eot = eos_ids[0] if eos_ids else tok.token_to_id(EOT)
+    bos = token_id(tok_config.get("bos_token"))
+    if bos is None:
+        bos = next(iter(config_ids("bos_token_id")), None)
+    if "add_bos_token" in tok_config:
+        add_bos = bool(tok_config["add_bos_token"])
+    else:
+        add_bos = bos is not None and post_processor_adds_bos(tok, bos)
+    return {"bos_id": bos, "eot_id": eot, "extra_stop_ids": eos_ids, "add_bos": add_bos}
+
+
+def post_processor_adds_bos(tok, bos_id: int) -> bool:
+    """Whether the `tokenizers.Tokenizer`'s post-processor prepends bos_id to a sequence."""
+    with_special = tok.encode("a", add_special_tokens=True).ids
+    plain = tok.encode("a", add_special_tokens=False).ids
+    return with_special[:1] == [bos_id] and plain[:1] != [bos_id]
 
 
 def _gpt2_files(folder: Path) -> tuple[Path, Path] | None:
@@ -166,10 +279,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         if (folder / "tokenizer.json").is_file():
             from tokenizers import Tokenizer as HFTok
 
-            return HFTokenizer(HFTok.from_file(str(folder / "tokenizer.json")))
+            tok = HFTok.from_file(str(folder / "tokenizer.json"))
+            return HFTokenizer(tok, **_special_ids(folder, tok))
         files = _gpt2_files(folder)
         if files:
-            return HFTokenizer(_gpt2_tokenizer(*files))
+            tok = _gpt2_tokenizer(*files)
+            return HFTokenizer(tok, **_special_ids(folder, tok))
     except (OSError, ValueError, KeyError, Exception) as e:
         if isinstance(e, LmforgeError):
             raise
@@ -187,6 +302,8 @@ def tokenizer_hash(tok: Tokenizer) -> str:
     never read with a different tokenizer than the one that wrote them."""
     if isinstance(tok, HFTokenizer):
         payload = tok.tok.to_str()
+        if tok.add_bos:  # the ids change; tokenizers without a BOS keep their old hash
+            payload += json.dumps({"bos_id": tok.bos_id})
     elif isinstance(tok, CharTokenizer):
         payload = json.dumps({"chars": tok.chars, "with_eot": tok.with_eot}, ensure_ascii=False)
     else:

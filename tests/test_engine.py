@@ -64,6 +64,19 @@ def test_padded_batch_generates_as_each_prompt_alone(variant, use_cache):
     assert engine.generate(PROMPTS, params) == alone
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_engine_computes_logits_only_for_the_last_position(use_cache):
+    """Prefill, decode and the uncached reference all run the head on one position per row."""
+    engine = make_engine(**VARIANTS["rope_gqa"])
+    shapes = []
+    engine.model.lm_head.register_forward_hook(
+        lambda mod, args, out: shapes.append(tuple(out.shape))
+    )
+    params = SamplingParams(max_new_tokens=5, temperature=0, use_cache=use_cache)
+    engine.generate(PROMPTS, params)
+    assert shapes == [(len(PROMPTS), 1, V)] * 5
+
+
 def test_seeded_sampling_is_reproducible_and_matches_reference():
     engine = make_engine(pos_encoding="rope")
     params = SamplingParams(max_new_tokens=20, temperature=1.0, top_k=20, top_p=0.9, seed=123)

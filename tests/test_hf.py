@@ -260,3 +260,151 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     code, err = _cli(capsys, "import", "--hf", str(src), "--out", str(foreign))
     assert code == 1 and len(err) == 1 and "not empty" in err[0]
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
+# ---------------------------------------------------------------- building on the meta device
+
+
+@pytest.mark.parametrize("make", [_tiny_gpt2, _tiny_llama, lambda: _tiny_gpt2(tie=False)])
+def test_import_and_load_build_on_meta_without_random_init(tmp_path, capsys, monkeypatch, make):
+    """Import and checkpoint loading skip GPT.init_weights (a 1B model would spend most of the
+    import drawing random weights) and give the same model as copying into an initialised one."""
+    torch.manual_seed(0)
+    hf = make().eval()
+    _perturb(hf)
+    hf.save_pretrained(tmp_path / "hf")
+    from lmforge.model.hf import from_hf_state_dict, load_hf, read_hf_weights
+
+    cfg = load_hf(tmp_path / "hf")[1]  # the reference: a random init, then weights copied in
+    torch.manual_seed(0)
+    ref = GPT(cfg.model).eval()
+    ref.load_state_dict(from_hf_state_dict(read_hf_weights(tmp_path / "hf"), cfg.model))
+
+    monkeypatch.setattr(GPT, "init_weights", lambda self: pytest.fail("init_weights called"))
+    code, err = _cli(capsys, "import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "c"))
+    assert code == 0, err
+    imported, _, _ = load_hf(tmp_path / "hf")
+    loaded, _ = load(tmp_path / "c")
+    ids = _ids()
+    for model in (imported, loaded):
+        assert not model.training
+        assert (model.lm_head.weight is model.wte.weight) == ref.config.tie_embeddings
+        assert model.num_params() == ref.num_params()
+        tensors = [*model.parameters(), *model.buffers()]
+        assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        with torch.no_grad():
+            assert torch.equal(model(ids), ref(ids))
+        for name, tensor in ref.state_dict().items():
+            assert torch.equal(model.state_dict()[name], tensor), name
+    if ref.config.pos_encoding == "rope":
+        assert torch.equal(loaded.rope_inv_freq, ref.rope_inv_freq)
+
+
+# ---------------------------------------------------------------- Llama BOS / EOS / stopping
+
+LLAMA_TEXT = "the quick brown fox jumps over the lazy dog\nand then the dog sleeps.\n"
+
+
+def _llama_tokenizer(folder: Path):
+    """A tiny Llama-2-style tokenizer: Metaspace BPE, <s> prepended by the post-processor,
+    tokenizer_config.json with add_bos_token and AddedToken dicts (as transformers writes)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+         decoders.Strip(" ", 1, 0)]
+    )  # fmt: skip
+    trainer = trainers.BpeTrainer(vocab_size=120, min_frequency=1, show_progress=False,
+                                  special_tokens=["<unk>", "<s>", "</s>", "<|eot_id|>"])  # fmt: skip
+    tok.train_from_iterator(LLAMA_TEXT.splitlines() * 5, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    tok.save(str(folder / "tokenizer.json"))
+
+    def added(content: str) -> dict:
+        return {"__type": "AddedToken", "content": content, "lstrip": False,
+                "normalized": False, "rstrip": False, "single_word": False, "special": True}  # fmt: skip
+
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+              "bos_token": added("<s>"), "eos_token": added("</s>"), "unk_token": "<unk>"}  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return tok
+
+
+def _llama_that_stops(folder: Path, vocab: int, prompt_ids: list[int], chain: list[int]) -> None:
+    """A LlamaForCausalLM whose greedy continuation of prompt_ids is `chain`: attention and MLP
+    outputs are zeroed, so the last hidden state is the current token's embedding, and the
+    head maps each token of [prompt[-1], *chain[:-1]] to the next one of `chain`."""
+    config = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=[2, 3],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        emb = hf.model.embed_tokens.weight
+        normed = emb / emb.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+        hf.lm_head.weight.zero_()
+        for current, following in zip([prompt_ids[-1], *chain[:-1]], chain):
+            hf.lm_head.weight[following] = 10 * normed[current]
+    hf.save_pretrained(folder)
+    generation = {"bos_token_id": 1, "eos_token_id": [2, 3]}
+    (folder / "generation_config.json").write_text(json.dumps(generation))
+
+
+def test_imported_llama_has_bos_eos_and_stops_generating(tmp_path, capsys):
+    from lmforge.engine import Engine, SamplingParams
+    from lmforge.model.hf import load_hf
+
+    src = tmp_path / "hf"
+    src.mkdir()
+    tok = _llama_tokenizer(src)
+    prompt = "the lazy fox"
+    prompt_ids = tok.encode(prompt).ids  # with <s>
+    vocab = tok.get_vocab_size()
+    a, b = [i for i in range(10, vocab) if i != prompt_ids[-1]][:2]  # two ordinary tokens
+    _llama_that_stops(src, vocab, prompt_ids, [a, b, 2])
+    assert _cli(capsys, "import", "--hf", str(src), "--out", str(tmp_path / "ckpt"))[0] == 0
+
+    model, tokenizer = load(tmp_path / "ckpt")
+    assert (tokenizer.bos_id, tokenizer.eot_id, tokenizer.add_bos) == (1, 2, True)
+    assert tokenizer.stop_ids == (2, 3)
+    auto = transformers.AutoTokenizer.from_pretrained(src)
+    for text in (prompt, "and then the dog sleeps.", ""):
+        assert tokenizer.encode(text) == auto(text)["input_ids"]
+    assert tokenizer.encode(prompt) == prompt_ids
+
+    free = Engine(model).generate([prompt_ids], SamplingParams(max_new_tokens=6, temperature=0))
+    assert free[0][:3] == [a, b, 2]  # without stop ids it runs on past </s>
+    params = SamplingParams(max_new_tokens=6, temperature=0, stop_ids=tokenizer.stop_ids)
+    assert Engine(model).generate([prompt_ids], params) == [[a, b]]
+
+    capsys.readouterr()
+    args = ["--prompt", prompt, "--temperature", "0", "--max-new-tokens", "6", "--device", "cpu"]
+    for extra in ([], ["--stream"]):
+        assert main(["generate", "--checkpoint", str(tmp_path / "ckpt"), *args, *extra]) == 0
+        assert capsys.readouterr().out == prompt + tokenizer.decode([a, b]) + "\n"
+
+    # the extra stop id from generation_config.json ends generation too
+    _llama_that_stops(src, vocab, prompt_ids, [b, 3])
+    model, _, _ = load_hf(src)
+    assert Engine(model).generate([prompt_ids], params) == [[b]]
+
+    # export keeps BOS/EOS for transformers, and importing the export gives them back
+    out = tmp_path / "out"
+    assert _cli(capsys, "export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(out))[0] == 0
+    auto = transformers.AutoTokenizer.from_pretrained(out)
+    assert (auto.bos_token, auto.eos_token) == ("<s>", "</s>")
+    assert auto(prompt)["input_ids"] == prompt_ids
+    hf_config = json.loads((out / "config.json").read_text())
+    assert (hf_config["bos_token_id"], hf_config["eos_token_id"]) == (1, [2, 3])
+    assert _cli(capsys, "import", "--hf", str(out), "--out", str(tmp_path / "back"))[0] == 0
+    _, back = load(tmp_path / "back")
+    assert (back.bos_id, back.eot_id, back.stop_ids, back.add_bos) == (1, 2, (2, 3), True)

@@ -183,3 +183,106 @@ def test_sinusoidal_positions_with_odd_model_width():
     """d_model=33 (one head): the encoding is cut to 33 columns instead of failing to add."""
     model = make_model(pos_encoding="sinusoidal", d_model=33, n_head=1)
     assert model(random_ids(1, 5)).shape == (1, 5, V)
+
+
+# ---------------------------------------------------------------- logits_to_keep, GQA, meta
+
+
+def _head_inputs(model: GPT) -> list[tuple[int, ...]]:
+    """Record the input shape of every lm_head call (where logits_to_keep saves work)."""
+    shapes: list[tuple[int, ...]] = []
+    model.lm_head.register_forward_hook(lambda mod, args, out: shapes.append(tuple(args[0].shape)))
+    return shapes
+
+
+@pytest.mark.parametrize("variant", ["learned", "rope", "gqa", "post_norm"])
+def test_logits_to_keep_is_the_last_positions_of_the_full_forward(variant):
+    model = make_model(**VARIANTS[variant])
+    x = random_ids(2, 12)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :4] = 0
+    shapes = _head_inputs(model)
+    with torch.no_grad():
+        for attention_mask in (None, mask):
+            full = model(x, attention_mask=attention_mask)  # (B, T, V)
+            assert torch.equal(model(x, attention_mask=attention_mask, logits_to_keep=0), full)
+            for k in (1, 3, 12):
+                kept = model(x, attention_mask=attention_mask, logits_to_keep=k)
+                assert kept.shape == (2, k, V)
+                torch.testing.assert_close(kept, full[:, -k:], atol=1e-6, rtol=0)
+    assert shapes[-1] == (2, 12, model.config.d_model) and shapes[-2][1] == 3  # head on k only
+    cache = KVCache(model.config, batch_size=2, max_len=12, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        prefill = model(x[:, :8], kv_cache=cache, logits_to_keep=1)
+        step = model(x[:, 8:9], kv_cache=cache, logits_to_keep=1)
+        full = model(x)
+    torch.testing.assert_close(torch.cat([prefill, step], 1), full[:, [7, 8]], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(x, logits_to_keep=-1)
+
+
+def test_grouped_query_attention_uses_sdpa_enable_gqa(monkeypatch):
+    """Where SDPA takes enable_gqa, keys/values reach it with nkv heads (no repeat_interleave
+    copy); the repeat_interleave fallback for older torch computes the same logits."""
+    from lmforge.model import gpt
+
+    assert gpt.SDPA_HAS_GQA == (torch.__version__ >= "2.5")
+    model = make_model(**VARIANTS["gqa"])  # 4 query heads, 2 kv heads
+    x = random_ids(2, 16)
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.size(1), k.size(1), kwargs.get("enable_gqa", False)))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(gpt.F, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        fast = model(x)
+        if gpt.SDPA_HAS_GQA:
+            assert set(seen) == {(4, 2, True)}
+        monkeypatch.setattr(gpt, "SDPA_HAS_GQA", False)
+        seen.clear()
+        fallback = model(x)
+    assert set(seen) == {(4, 4, False)}
+    torch.testing.assert_close(fast, fallback, atol=1e-6, rtol=0)
+
+
+def test_enable_gqa_only_where_sdpa_keeps_a_fast_kernel():
+    from types import SimpleNamespace
+
+    from lmforge.model.gpt import SDPA_HAS_GQA, sdpa_gqa
+
+    def q(device: str, dtype: torch.dtype):
+        return SimpleNamespace(device=torch.device(device), dtype=dtype)
+
+    mask = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    assert sdpa_gqa(q("cpu", torch.float32), mask) == SDPA_HAS_GQA
+    assert sdpa_gqa(q("cuda", torch.bfloat16), True) == SDPA_HAS_GQA  # flash: causal, no mask
+    assert not sdpa_gqa(q("cuda", torch.bfloat16), mask)  # a mask: math kernel with enable_gqa
+    assert not sdpa_gqa(q("cuda", torch.float32), True)  # fp32: no flash kernel
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_model_built_on_meta_takes_weights_without_init(monkeypatch, tie):
+    """GPT on the meta device + assign_weights: no random init, the same function as a model
+    that copied the weights in, a tied head still tied, RoPE frequencies real."""
+    ref = make_model(**VARIANTS["llama_style"], tie_embeddings=tie)
+    state = {k: v.clone() for k, v in ref.state_dict().items()}
+    if tie:
+        state["wte.weight"] = state["lm_head.weight"]  # shared, as the file would hold it
+        del state["lm_head.weight"]  # safetensors keeps one name of shared tensors
+    monkeypatch.setattr(GPT, "init_weights", lambda self: pytest.fail("init_weights called"))
+    with torch.device("meta"):
+        model = GPT(ref.config)
+    missing, unexpected = model.assign_weights(state)
+    assert not missing and not unexpected
+    model.eval()
+    assert (model.lm_head.weight is model.wte.weight) == tie
+    assert model.num_params() == ref.num_params()
+    assert model.rope_inv_freq.device.type == "cpu"
+    assert torch.equal(model.rope_inv_freq, ref.rope_inv_freq)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    x = random_ids(2, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))

@@ -214,3 +214,126 @@ def test_tokenizer_cli_trains_a_loadable_bpe(tmp_path, capsys):
         == 1
     )
     assert "input not found" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- BOS / EOS / stop ids
+
+LLAMA_SPECIALS = ["<unk>", "<s>", "</s>", "<|eot_id|>"]  # ids 0..3
+
+
+def llama_style_folder(
+    folder: Path,
+    tokens_as_dicts: bool = True,
+    eos_token_id: int | list[int] | None = None,
+    eos_in: str = "generation_config.json",
+    add_bos: bool = True,
+    post_processor: bool | None = None,
+) -> Path:
+    """A tiny Llama-2-style tokenizer folder: a Metaspace BPE with <s> and </s>, the
+    post-processor that prepends <s> (by default when add_bos), and a tokenizer_config.json
+    naming them (strings, or AddedToken dicts as transformers writes them)."""
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    tok = HFTok(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+         decoders.Strip(" ", 1, 0)]
+    )  # fmt: skip
+    text = "the quick brown fox jumps over the lazy dog\nand then the dog sleeps.\n"
+    trainer = trainers.BpeTrainer(
+        vocab_size=120, min_frequency=1, special_tokens=LLAMA_SPECIALS, show_progress=False
+    )
+    tok.train_from_iterator(text.splitlines() * 5, trainer=trainer)
+    if add_bos if post_processor is None else post_processor:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+
+    def token(content: str):
+        if not tokens_as_dicts:
+            return content
+        return {"__type": "AddedToken", "content": content, "lstrip": False,
+                "normalized": False, "rstrip": False, "single_word": False, "special": True}  # fmt: skip
+
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": add_bos,
+              "add_eos_token": False, "bos_token": token("<s>"), "eos_token": token("</s>"),
+              "unk_token": token("<unk>")}  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    if eos_token_id is not None:
+        (folder / eos_in).write_text(
+            json.dumps({"bos_token_id": 1, "eos_token_id": eos_token_id}), encoding="utf-8"
+        )
+    return folder
+
+
+SAMPLES = ["the lazy fox jumps  over", "", " and then the dog"]  # all in the vocabulary
+
+
+@pytest.mark.parametrize(
+    ("tokens_as_dicts", "eos_token_id", "eos_in", "stop_ids"),
+    [
+        (True, [2, 3], "generation_config.json", (2, 3)),
+        (False, 2, "generation_config.json", (2,)),
+        (True, [3, 2], "config.json", (2, 3)),
+        (False, None, "config.json", (2,)),
+    ],
+)
+def test_llama_style_folder_gives_bos_eos_and_stop_ids(
+    tmp_path, tokens_as_dicts, eos_token_id, eos_in, stop_ids
+):
+    transformers = pytest.importorskip("transformers")
+    folder = llama_style_folder(tmp_path / "hf", tokens_as_dicts, eos_token_id, eos_in)
+    tok = load_tokenizer(folder)
+    assert (tok.bos_id, tok.eot_id, tok.stop_ids, tok.add_bos) == (1, 2, stop_ids, True)
+    auto = transformers.AutoTokenizer.from_pretrained(folder)
+    for text in SAMPLES:
+        assert tok.encode(text) == auto(text)["input_ids"], text
+    assert tok.encode_batch(SAMPLES) == [tok.encode(t) for t in SAMPLES]
+
+    tok.save(tmp_path / "saved")  # a checkpoint's tokenizer/ folder: no config.json beside it
+    again = load_tokenizer(tmp_path / "saved")
+    assert (again.bos_id, again.eot_id, again.stop_ids, again.add_bos) == (1, 2, stop_ids, True)
+    assert tokenizer_hash(again) == tokenizer_hash(tok)
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert [auto(t)["input_ids"] for t in SAMPLES] == [tok.encode(t) for t in SAMPLES]
+
+
+def test_add_bos_token_false_means_no_bos(tmp_path):
+    tok = load_tokenizer(llama_style_folder(tmp_path, add_bos=False))
+    assert (tok.bos_id, tok.eot_id, tok.stop_ids, tok.add_bos) == (1, 2, (2,), False)
+    assert tok.encode("the dog")[0] != 1
+
+
+def test_lmforge_and_builtin_tokenizers_keep_endoftext_and_no_bos(tmp_path):
+    bpe = shakespeare_bpe()
+    char = CharTokenizer.from_text("hello", with_eot=True)
+    for tok in (bpe, char, CharTokenizer.from_text("hello"), ByteTokenizer()):
+        stop = () if tok.eot_id is None else (tok.eot_id,)
+        assert (tok.bos_id, tok.stop_ids, tok.add_bos) == (None, stop, False)
+        tok.save(tmp_path / tok.kind)
+        again = load_tokenizer(tmp_path / tok.kind)
+        assert (again.bos_id, again.eot_id, again.stop_ids, again.add_bos) == (
+            None, tok.eot_id, stop, False,
+        )  # fmt: skip
+    assert bpe.eot_id == 0 and bpe.encode("hello") == bpe.tok.encode("hello").ids
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_hf_export_adds_bos_as_encode_does_when_tokenizer_json_disagrees(tmp_path, add_bos):
+    """add_bos_token decides for lmforge (as in transformers 4); transformers 5 follows the
+    tokenizer.json post-processor, so the export rewrites it to match."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.model.hf import save_hf_tokenizer
+
+    src = llama_style_folder(tmp_path / "src", add_bos=add_bos, post_processor=not add_bos)
+    tok = load_tokenizer(src)
+    assert tok.add_bos == add_bos and (tok.encode("the dog")[0] == 1) == add_bos
+    (tmp_path / "out").mkdir()
+    save_hf_tokenizer(tok, tmp_path / "out", max_length=64)
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert [auto(t)["input_ids"] for t in SAMPLES] == [tok.encode(t) for t in SAMPLES]
+    assert load_tokenizer(tmp_path / "out").encode_batch(SAMPLES) == tok.encode_batch(SAMPLES)

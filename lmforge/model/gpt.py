@@ -16,6 +16,22 @@ from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import ModelConfig
 
+SDPA_HAS_GQA = torch.__version__ >= "2.5"
+"""SDPA's enable_gqa (torch >= 2.5) lets nkv key/value heads serve nh query heads without
+materialising repeated copies; older torch falls back to repeat_interleave."""
+
+
+def sdpa_gqa(q: torch.Tensor, mask: torch.Tensor | bool) -> bool:
+    """Whether to pass enable_gqa to SDPA rather than repeat k/v. On CUDA only the flash
+    kernel honours enable_gqa, and flash takes neither an explicit mask nor fp32: there SDPA
+    would fall back to its slow math kernel, so k/v are repeated for the memory-efficient
+    kernel instead (transformers gates it the same way). On CPU enable_gqa is always faster."""
+    if not SDPA_HAS_GQA:
+        return False
+    if q.device.type != "cuda":
+        return True
+    return isinstance(mask, bool) and q.dtype in (torch.float16, torch.bfloat16)
+
 
 class KVCache:
     """Preallocated keys and values for every layer, filled left to right by prefill and decode.
@@ -104,9 +120,13 @@ class Attention(nn.Module):
             k = k * cos + rotate_half(k) * sin
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)  # (B, nkv, S, hd)
+        gqa = {}
         if self.nkv != self.nh:
-            k = k.repeat_interleave(self.nh // self.nkv, dim=1)  # (B, nh, S, hd)
-            v = v.repeat_interleave(self.nh // self.nkv, dim=1)
+            if sdpa_gqa(q, mask):
+                gqa = {"enable_gqa": True}  # SDPA pairs query head h with kv head h // (nh/nkv)
+            else:
+                k = k.repeat_interleave(self.nh // self.nkv, dim=1)  # (B, nh, S, hd)
+                v = v.repeat_interleave(self.nh // self.nkv, dim=1)
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -114,6 +134,7 @@ class Attention(nn.Module):
             attn_mask=None if isinstance(mask, bool) else mask,
             is_causal=mask is True,
             dropout_p=self.dropout if self.training else 0.0,
+            **gqa,
         )  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, d)
         return self.resid_drop(self.proj(y))
@@ -185,10 +206,42 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         if cfg.pos_encoding == "rope":
-            hd = cfg.head_dim
-            inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-            self.register_buffer("rope_inv_freq", inv_freq, persistent=False)  # (hd/2,)
-        self.init_weights()
+            self.register_buffer("rope_inv_freq", self._rope_inv_freq(), persistent=False)
+        if not self.wte.weight.is_meta:  # on meta: shapes only, weights come by assign_weights
+            self.init_weights()
+
+    def _rope_inv_freq(self, device=None) -> torch.Tensor:
+        hd = self.config.head_dim
+        exponents = torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd
+        return 1.0 / (self.config.rope_theta**exponents)  # (hd/2,)
+
+    @torch.no_grad()
+    def assign_weights(self, state: dict[str, torch.Tensor]):
+        """Take `state`'s tensors as this model's parameters instead of copying them in: for a
+        model built under `torch.device("meta")`, so that loading a large model neither draws
+        random weights first nor holds two copies. Tensors are cast to the parameter's dtype and
+        made contiguous (a copy only where needed); a tied head stays one shared Parameter,
+        whichever of its two names `state` holds (safetensors keeps one name of shared
+        tensors); non-persistent buffers (RoPE frequencies) are rebuilt on the weights' device.
+
+        Returns load_state_dict's (missing_keys, unexpected_keys); a missing tensor stays on
+        meta, so callers must treat any as an error. Shape mismatches raise RuntimeError."""
+        state = dict(state)
+        if self.config.tie_embeddings:
+            shared = state.get("wte.weight", state.get("lm_head.weight"))
+            if shared is not None:
+                state["wte.weight"] = state["lm_head.weight"] = shared
+        own = self.state_dict(keep_vars=True)
+        state = {
+            name: t.to(dtype=own[name].dtype).contiguous() if name in own else t
+            for name, t in state.items()
+        }
+        result = self.load_state_dict(state, strict=False, assign=True)
+        if self.config.tie_embeddings:  # assign gave the two names separate Parameters
+            self.lm_head.weight = self.wte.weight
+        if self.config.pos_encoding == "rope":
+            self.rope_inv_freq = self._rope_inv_freq(self.wte.weight.device)
+        return result
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -256,8 +309,11 @@ class GPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V).
+        """input_ids (B, T) -> logits (B, T, V), or (B, k, V) for the last k positions only
+        when logits_to_keep=k > 0 (generation needs just the last one; the head is the
+        largest matmul of a small model's forward at a large vocabulary).
 
         attention_mask (B, S), 1 for real tokens and 0 for padding, covers the cached
         positions plus the new ones (S = cache length + T). A 4-D boolean (B, 1, T, S) mask is
@@ -265,6 +321,8 @@ class GPT(nn.Module):
         counting real tokens, so a left-padded prompt gets the positions it would have alone.
         """
         B, T = input_ids.shape
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep={logits_to_keep} must be >= 0 (0 = all positions)")
         offset = kv_cache.length if kv_cache is not None else 0
         S = offset + T
         if S > self.config.block_size:
@@ -287,7 +345,9 @@ class GPT(nn.Module):
             x = block(x, rope, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.length = S
-        return self.lm_head(self.norm_f(x))  # (B, T, V)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]  # (B, k, d)
+        return self.lm_head(self.norm_f(x))  # (B, T or k, V)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters counted once (a tied head is not counted twice). non_embedding drops

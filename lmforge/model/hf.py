@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.common import LmforgeError
 from lmforge.config import Config, ModelConfig, build_config
+from lmforge.fileio import atomic_folder, contained
 from lmforge.model.gpt import GPT
 from lmforge.tokenizer import (
     EOT,
@@ -39,6 +39,7 @@ from lmforge.tokenizer import (
     HFTokenizer,
     Tokenizer,
     load_tokenizer,
+    post_processor_adds_bos,
 )
 
 SAFETENSORS = "model.safetensors"
@@ -88,14 +89,22 @@ def family(cfg: ModelConfig) -> str:
     return name
 
 
-def hf_config(cfg: ModelConfig, eot_id: int | None = None) -> dict[str, Any]:
-    """ModelConfig -> the config.json of a GPT2LMHeadModel or LlamaForCausalLM."""
+def hf_config(cfg: ModelConfig, tokenizer: Tokenizer | None = None) -> dict[str, Any]:
+    """ModelConfig -> the config.json of a GPT2LMHeadModel or LlamaForCausalLM. BOS/EOS ids
+    come from the tokenizer: eos_token_id is a list when several ids stop generation, and a
+    tokenizer without a BOS names its end-of-text id as BOS, as GPT-2 does."""
+    eos: int | list[int] | None = None
+    bos = None
+    if tokenizer is not None:
+        stop = list(tokenizer.stop_ids)
+        eos = stop if len(stop) > 1 else tokenizer.eot_id
+        bos = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eot_id
     common = {
         "vocab_size": cfg.vocab_size,
         "initializer_range": cfg.init_std,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "bos_token_id": eot_id,
-        "eos_token_id": eot_id,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
         "torch_dtype": "float32",
     }
     if family(cfg) == "gpt2":
@@ -371,15 +380,38 @@ def _as_hf_tokenizer(tokenizer: Tokenizer):
     return tok
 
 
+def _with_bos_as_encoded(tokenizer: HFTokenizer):
+    """A copy of the `tokenizers.Tokenizer` whose post-processor adds BOS exactly when our
+    encode does: transformers 5 follows tokenizer.json's post-processor, not add_bos_token."""
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import processors
+
+    tok, bos = tokenizer.tok, tokenizer.bos_id
+    if bos is None or post_processor_adds_bos(tok, bos) == tokenizer.add_bos:
+        return tok
+    tok = HFTok.from_str(tok.to_str())
+    if tokenizer.add_bos:
+        name = tok.id_to_token(bos)
+        single, pair, special = f"{name} $A", f"{name} $A {name}:1 $B:1", [(name, bos)]
+    else:
+        single, pair, special = "$A", "$A $B:1", []
+    tok.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=special
+    )
+    return tok
+
+
 def save_hf_tokenizer(tokenizer: Tokenizer, folder: Path, max_length: int) -> None:
-    """tokenizer.json + a tokenizer_config.json so that AutoTokenizer can load the folder."""
-    _as_hf_tokenizer(tokenizer).save(str(folder / "tokenizer.json"))
-    config: dict[str, Any] = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": max_length,
-    }
-    if tokenizer.eot_id is not None:
-        config |= {"bos_token": EOT, "eos_token": EOT}
+    """tokenizer.json + a tokenizer_config.json so that AutoTokenizer can load the folder and
+    encodes as lmforge does, BOS and EOS included."""
+    if isinstance(tokenizer, HFTokenizer):
+        _with_bos_as_encoded(tokenizer).save(str(folder / "tokenizer.json"))
+        config = tokenizer.hf_tokenizer_config(max_length)
+    else:
+        _as_hf_tokenizer(tokenizer).save(str(folder / "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length}
+        if tokenizer.eot_id is not None:
+            config |= {"bos_token": EOT, "eos_token": EOT}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
@@ -424,12 +456,16 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
             return _read_weight_file(folder / name)
         index = folder / f"{name}.index.json"
         if index.is_file():
-            shards = sorted(
-                set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-            )
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                names = sorted(set(weight_map.values()), key=str)
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+                raise LmforgeError(f"{index} is not a weights index (no weight_map)") from None
+            # Shard names come from a downloaded file: never let one reach outside the folder.
+            shards = [contained(folder, n, f"shard name in {index.name}") for n in names]
             merged: dict[str, torch.Tensor] = {}
             for shard in shards:
-                merged |= _read_weight_file(folder / shard)
+                merged |= _read_weight_file(shard)
             return merged
     raise LmforgeError(f"no weights in {folder} (expected {SAFETENSORS} or {PYTORCH_BIN})")
 
@@ -453,24 +489,29 @@ def load_hf(folder: str | Path) -> tuple[GPT, Config, Tokenizer | None]:
     """A HF GPT-2 or Llama folder -> (our model in eval mode, its Config, its tokenizer or None)."""
     folder = Path(folder)
     cfg = model_config_from_hf(_read_hf_config(folder), where=str(folder / "config.json"))
-    model = GPT(cfg.model)
+    with torch.device("meta"):  # shapes only: no random init of weights about to be replaced
+        model = GPT(cfg.model)
     state = from_hf_state_dict(read_hf_weights(folder), cfg.model)
     try:
-        model.load_state_dict(state, strict=True)
+        missing, unexpected = model.assign_weights(state)
     except RuntimeError as e:
         detail = next(
             (ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln),
             str(e).splitlines()[0],
         )
         raise LmforgeError(f"weights in {folder} do not fit its config.json: {detail}") from None
+    if missing or unexpected:
+        raise LmforgeError(
+            f"weights in {folder} do not fit its config.json: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}"
+        )
     return model.eval(), cfg, load_hf_tokenizer(folder)
 
 
 def save_hf(model: GPT, tokenizer: Tokenizer | None, folder: str | Path) -> None:
     """Write config.json + model.safetensors (+ tokenizer files) into an existing folder."""
     folder = Path(folder)
-    eot = tokenizer.eot_id if tokenizer is not None else None
-    config = hf_config(model.config, eot)
+    config = hf_config(model.config, tokenizer)
     (folder / "config.json").write_text(
         json.dumps(config, indent=2, sort_keys=True), encoding="utf-8"
     )
@@ -494,18 +535,8 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> tuple[Path, str]:
     check_out_free(out)
     model, tokenizer = load(resolve_checkpoint(checkpoint))
     kind = family(model.config)
-    tmp = out.with_name(f".tmp-{out.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(out) as tmp:  # replaces `out` only if it is an empty folder (checked)
         save_hf(model, tokenizer, tmp)
-    except BaseException:
-        shutil.rmtree(tmp)
-        raise
-    if out.exists():
-        out.rmdir()  # empty, checked above
-    tmp.rename(out)
     return out, kind
 
 
