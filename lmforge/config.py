@@ -1,23 +1,29 @@
-"""The one typed config tree: defaults live here, YAML files and `--a.b=v` overrides merge on top.
+"""The typed config trees: defaults live here, YAML files and `--a.b=v` overrides merge on top.
 
-Merging and type checks are OmegaConf's (structured configs); this module adds the preset
-layer (`model.preset` fills model fields before the user's values), value checks in
-`__post_init__`, and error lines that name the nearest valid key.
+Two roots share one loader: `Config` (run/model/data/train, for `lmforge train`) and
+`PrepareConfig` (sources/clean/dedup/fetch/prepare, for `lmforge prepare`). Merging and type
+checks are OmegaConf's (structured configs); this module adds the preset layer (`model.preset`
+fills model fields before the user's values), per-source `clean` settings laid over the global
+ones, value checks in `__post_init__`, and error lines that name the nearest valid key.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import difflib
+import typing
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from lmforge.common import LmforgeError
+from lmforge.common import LmforgeError, did_you_mean
+from lmforge.fileio import plain_name
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -125,10 +131,13 @@ class ModelConfig:
 class DataConfig:
     path: str = ""
     """A text file, a folder of text files, or a prepared dataset; empty = bundled Shakespeare."""
-    tokenizer: str = "char"
-    """char, byte, or a tokenizer folder (tokenizer.json or GPT-2's encoder.json + vocab.bpe)."""
+    tokenizer: str = "auto"
+    """char, byte, or a tokenizer folder (tokenizer.json or GPT-2's encoder.json + vocab.bpe);
+    auto = char for text, the dataset's own tokenizer for prepared data."""
     val_fraction: float = 0.1
     """Last fraction of the text (by position) held out for validation, as nanoGPT does."""
+    text_field: list[str] = field(default_factory=lambda: ["text"])
+    """json/jsonl/parquet/csv data: the record fields joined into a document's text."""
     sampling: str = "random"
     """random: windows at random offsets (nanoGPT); packed: each block-size window of the
     token stream once per epoch, in a seeded order."""
@@ -178,7 +187,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing (training loss only; eval is plain)."""
     precision: str = "auto"
-    """auto (bf16 on capable GPUs, fp32 on CPU), fp32, bf16 or fp16 (with dynamic loss scaling)."""
+    """auto (bf16 on capable GPUs; on CPUs bf16 where native bf16 matmuls measure faster, else
+    fp32), fp32, bf16 or fp16 (with dynamic loss scaling)."""
     compile: bool = False
     """torch.compile the model (pays off on GPUs; not on small CPU models)."""
     activation_checkpointing: bool = False
@@ -193,8 +203,9 @@ class TrainConfig:
     """Steps between checkpoints (one is always written at the end)."""
     keep_last: int = 2
     """Checkpoints kept besides the best one."""
-    max_minutes: float | None = 5.0
-    """Stop cleanly (final eval and checkpoint) after this much training wall time; 0 or null = no limit."""
+    max_minutes: float | None = None
+    """Stop cleanly (final eval and checkpoint) after this much training wall time; null or 0 =
+    no limit (`lmforge train` with no arguments, the default job, sets 5)."""
     max_bad_steps: int = 5
     """Consecutive non-finite losses or gradients after which the run stops."""
 
@@ -246,6 +257,12 @@ class RunConfig:
     """Log to MLflow as well (needs `pip install mlflow`)."""
     sample_tokens: int = 300
     """Length of the sample printed at the end of training (0: none)."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one device, the MFU denominator; None = a table of known GPUs,
+    else a matmul measured at start-up in the run's precision."""
+
+    def __post_init__(self) -> None:
+        _check_positive("run.peak_tflops", self.peak_tflops)
 
 
 @dataclass
@@ -256,26 +273,237 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+# ---------------------------------------------------------------- `lmforge prepare`'s tree
+
+
+@dataclass
+class CleanConfig:
+    """Thresholds of the cleaning stage; 0 or None disables a rule."""
+
+    min_words: int = 50
+    """Documents with fewer words are dropped."""
+    max_words: int = 100_000
+    """Documents with more words are dropped (0 = no limit)."""
+    min_mean_word_length: float = 3.0
+    """Lowest mean word length in characters (Gopher: 3)."""
+    max_mean_word_length: float = 10.0
+    """Highest mean word length in characters (Gopher: 10; 0 = no limit)."""
+    max_symbol_word_ratio: float = 0.1
+    """'#' and ellipses per word (Gopher: 0.1)."""
+    min_alpha_word_fraction: float = 0.8
+    """Fraction of words holding at least one letter (Gopher: 0.8)."""
+    min_punct_line_fraction: float = 0.0
+    """Fraction of non-empty lines ending in punctuation (C4 keeps only such lines; 0 = off)."""
+    max_dup_line_fraction: float = 0.3
+    """Fraction of lines that repeat an earlier line (Gopher: 0.3)."""
+    max_top_ngram_fraction: dict[int, float] = field(
+        default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16}
+    )
+    """n -> max share of characters in the single most frequent word n-gram (Gopher)."""
+    max_dup_ngram_fraction: dict[int, float] = field(
+        default_factory=lambda: {5: 0.15, 7: 0.13, 10: 0.10}
+    )
+    """n -> max share of characters inside word n-grams that occur more than once (Gopher)."""
+    languages: list[str] = field(default_factory=list)
+    """Keep only these ISO 639-1 codes (py3langid); empty = no language filter."""
+    min_language_score: float = 0.5
+    """Lowest language-identification probability of a kept document."""
+    pii: bool = False
+    """Replace e-mails, phone numbers and IP addresses with <EMAIL>, <PHONE>, <IP>."""
+    blocklist: list[str] = field(default_factory=list)
+    """Words or phrases (case-insensitive, whole words) that drop a document."""
+    blocklist_file: str = ""
+    """A file with one blocked word or phrase per line, added to `blocklist`."""
+
+    def __post_init__(self) -> None:
+        for name in ("min_words", "max_words", "min_mean_word_length", "max_symbol_word_ratio"):
+            if getattr(self, name) < 0:
+                raise LmforgeError(f"clean.{name} must be >= 0")
+        for name in ("min_alpha_word_fraction", "min_punct_line_fraction", "max_dup_line_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise LmforgeError(f"clean.{name} must be in [0, 1]")
+        if self.blocklist_file and not Path(self.blocklist_file).is_file():
+            raise LmforgeError(f"clean.blocklist_file not found: {self.blocklist_file}")
+
+
+@dataclass
+class SourceConfig:
+    """One named source of the mixture."""
+
+    name: str = ""
+    """Names the source in reports and its intermediate files: a plain file-name component."""
+    paths: list[str] = field(default_factory=list)
+    """Files, folders (read recursively), globs, http(s) URLs, or `.urls` files listing URLs."""
+    weight: float | None = None
+    """Share of training tokens; None everywhere = every source in its natural proportion."""
+    text_field: list[str] = field(default_factory=lambda: ["text"])
+    """Fields (json/jsonl), columns (parquet/csv) joined by a blank line into a document."""
+    split: str = "file"
+    """How plain-text files become documents: file (one each), blank_lines (paragraphs), lines."""
+    chunk_bytes: int = 65536
+    """If > 0, plain-text documents are cut at line ends into pieces of about this size (a
+    book becomes many documents, so the train/val split by document works; 0 = never cut)."""
+    on_invalid_utf8: str = "replace"
+    """replace (U+FFFD, counted) or skip (the document is dropped, counted)."""
+    clean: CleanConfig | None = None
+    """This source's cleaning: the global `clean` section with the keys given here laid over it
+    (a recipe gives only those that differ, e.g. {min_words: 3}); None = the global section."""
+
+    def __post_init__(self) -> None:
+        plain_name(self.name, "source name")
+        if self.split not in ("file", "blank_lines", "lines"):
+            raise LmforgeError(
+                f"source {self.name!r}: split={self.split!r} is not file, blank_lines or lines"
+            )
+        if self.on_invalid_utf8 not in ("replace", "skip"):
+            raise LmforgeError(f"source {self.name!r}: on_invalid_utf8 must be replace or skip")
+        if self.weight is not None and self.weight < 0:
+            raise LmforgeError(f"source {self.name!r}: weight must be >= 0")
+
+
+@dataclass
+class DedupConfig:
+    """Exact and near-duplicate removal across all sources."""
+
+    exact: bool = True
+    """Drop documents whose case- and whitespace-normalised text was seen before."""
+    near: bool = True
+    """Drop near-duplicates (MinHash LSH over word shingles)."""
+    shingle_size: int = 5
+    """Words per shingle."""
+    num_perm: int = 128
+    """MinHash permutations (signature length)."""
+    bands: int = 16
+    """LSH bands; num_perm / bands rows each. Pairs with Jaccard above ~(1/bands)^(1/rows)
+    become candidates (0.71 for 16 x 8)."""
+    threshold: float = 0.7
+    """Estimated Jaccard similarity of shingle sets at or above which two documents are duplicates."""
+    seed: int = 1
+    """Seed of the MinHash permutations."""
+
+    def __post_init__(self) -> None:
+        if self.shingle_size < 1 or self.num_perm < 1 or self.bands < 1:
+            raise LmforgeError("dedup.shingle_size, num_perm and bands must be >= 1")
+        if self.num_perm % self.bands:
+            raise LmforgeError(
+                f"dedup.num_perm={self.num_perm} is not divisible by dedup.bands={self.bands}"
+            )
+        if not 0 < self.threshold <= 1:
+            raise LmforgeError(f"dedup.threshold={self.threshold} must be in (0, 1]")
+
+
+@dataclass
+class FetchConfig:
+    """HTTP(S) fetching of URL sources."""
+
+    timeout_s: float = 10.0
+    """One deadline per request for connecting, the headers, redirects and the whole body."""
+    retries: int = 2
+    """Extra attempts after timeouts, connection errors and 5xx answers (not after 4xx)."""
+    max_bytes: int = 10_000_000
+    """Bodies larger than this are skipped (outcome `too_large`)."""
+    user_agent: str = "lmforge"
+    """User-Agent header, also the name looked up in robots.txt."""
+    respect_robots: bool = True
+    """Skip URLs that the host's robots.txt disallows (outcome `robots_disallowed`)."""
+    allow_private_addresses: bool = False
+    """Fetch from private, loopback, link-local (cloud metadata) and other non-global
+    addresses too. Off by default: a URL list must not reach into the machine's own network;
+    checked against the address actually connected to, redirects and DNS changes included."""
+
+
+@dataclass
+class PrepareSettings:
+    """The `prepare` section: tokenizer, validation split, mixture size, shards, processes."""
+
+    tokenizer: str = "train:8192"
+    """train:VOCAB (byte-level BPE trained on the cleaned train documents), char, byte, or a
+    tokenizer folder."""
+    tokenizer_sample_bytes: int = 500_000_000
+    """At most this much text (drawn round-robin from the sources) trains the tokenizer."""
+    val_fraction: float = 0.05
+    """Share of each source's documents held out for validation (at least one per source)."""
+    seed: int = 1337
+    """Fixes the validation split and the mixture's sampling."""
+    total_tokens: int = 0
+    """Training tokens to write when sources have weights; 0 = as many as the sources hold."""
+    tokens_per_shard: int = 100_000_000
+    """Tokens per shard file (a document never straddles two)."""
+    workers: int = 0
+    """Processes for cleaning and MinHash; 0 = all cores."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.val_fraction < 1:
+            raise LmforgeError(f"prepare.val_fraction={self.val_fraction} must be in [0, 1)")
+        _check_positive("prepare.tokenizer_sample_bytes", self.tokenizer_sample_bytes)
+        _check_positive("prepare.tokens_per_shard", self.tokens_per_shard)
+        _check_positive("prepare.total_tokens", self.total_tokens, allow_zero=True)
+        _check_positive("prepare.workers", self.workers, allow_zero=True)
+
+
+@dataclass
+class PrepareConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    """The mixture: a YAML list of {name, paths, weight, text_field, split, chunk_bytes,
+    on_invalid_utf8, clean} mappings, e.g. [{name: web, paths: [web/], weight: 0.7}]."""
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    prepare: PrepareSettings = field(default_factory=PrepareSettings)
+
+    def __post_init__(self) -> None:
+        weights = [s.weight for s in self.sources]
+        if any(w is None for w in weights) and any(w is not None for w in weights):
+            raise LmforgeError("give every source a weight, or none (natural proportions)")
+        if weights and all(w is not None for w in weights) and sum(weights) <= 0:
+            raise LmforgeError("source weights must not all be zero")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise LmforgeError(f"source names must be unique, got {names}")
+        for src in self.sources:  # built in Python rather than by build_prepare_config
+            if src.clean is None:
+                src.clean = self.clean
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _nested_dataclass(tp: Any) -> type | None:
+    """The dataclass a field holds directly, optionally or as list items, else None."""
+    for t in (tp, *typing.get_args(tp)):
+        if dataclasses.is_dataclass(t):
+            return t
+    return None
+
+
 def dataclass_keys(cls: type, prefix: str = "") -> list[str]:
-    """Every dotted key of a dataclass tree, sections included ('train', 'train.lr', ...):
-    the candidates for 'did you mean' suggestions."""
+    """Every dotted key of a dataclass tree, sections included ('train', 'train.lr', ...; list
+    items without an index: 'sources.clean.min_words'): the candidates for 'did you mean'."""
+    hints = typing.get_type_hints(cls)
     keys = []
     for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            keys += dataclass_keys(type(default), f"{prefix}{f.name}.")
         keys.append(f"{prefix}{f.name}")
+        nested = _nested_dataclass(hints[f.name])
+        if nested is not None:
+            keys += dataclass_keys(nested, f"{prefix}{f.name}.")
     return keys
 
 
-def _friendly(err: OmegaConfBaseException) -> LmforgeError:
-    key = getattr(err, "full_key", None) or ""
-    msg = str(err).splitlines()[0]
-    if "not in" in msg or "Key '" in msg and "not" in msg:
-        near = difflib.get_close_matches(key, dataclass_keys(Config), n=1, cutoff=0.5)
-        hint = f"; did you mean '{near[0]}'?" if near else ""
-        return LmforgeError(f"unknown config key '{key}'{hint}")
-    return LmforgeError(f"bad value for config key '{key}': {msg}")
+@contextmanager
+def _friendly_errors(candidates: list[str], where: str = "") -> Iterator[None]:
+    """OmegaConf's merge and assignment errors as one line; an unknown key names the nearest
+    of `candidates`. `where` prefixes the keys of a node checked on its own ('sources[1]')."""
+    try:
+        yield
+    except OmegaConfBaseException as e:
+        if isinstance(e.__cause__, LmforgeError):  # a __post_init__ check
+            raise e.__cause__ from None
+        key = ".".join(k for k in (where, getattr(e, "full_key", None) or "") if k)
+        if isinstance(e, (ConfigKeyError, ConfigAttributeError)):
+            raise LmforgeError(
+                f"unknown config key '{key}'{did_you_mean(key, candidates)}"
+            ) from None
+        raise LmforgeError(f"bad value for config key '{key}': {str(e).splitlines()[0]}") from None
 
 
 def _parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -316,23 +544,95 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _read_layers(
+    layers: tuple[dict[str, Any] | str | Path, ...],
+    overrides: list[str],
+    on_yaml: Callable[[dict[str, Any], Path], dict[str, Any]] = lambda data, folder: data,
+) -> list[dict[str, Any]]:
+    """Each layer as a dict (YAML files read, then passed through `on_yaml` with their
+    folder), and the overrides parsed into the last one."""
+    dicts = [
+        on_yaml(read_yaml(x), Path(x).parent) if isinstance(x, (str, Path)) else x for x in layers
+    ]
+    return [*dicts, _parse_overrides(list(overrides))]
+
+
 def build_config(*layers: dict[str, Any] | str | Path, overrides: list[str] = ()) -> Config:
     """Merge defaults <- preset <- each layer (dict or YAML path) <- overrides into a checked Config."""
-    dicts = [read_yaml(x) if isinstance(x, (str, Path)) else x for x in layers]
-    dicts.append(_parse_overrides(list(overrides)))
-    try:
-        schema = OmegaConf.structured(Config)
-        merged = OmegaConf.merge(schema, *dicts)
-        from lmforge.model.presets import preset_values
+    from lmforge.model.presets import preset_values
 
-        preset = preset_values(merged.model.preset)
-        merged = OmegaConf.merge(schema, {"model": preset}, *dicts)
+    dicts = _read_layers(layers, overrides)
+    with _friendly_errors(dataclass_keys(Config)):
+        schema = OmegaConf.structured(Config)
+        preset = preset_values(OmegaConf.merge(schema, *dicts).model.preset)
+        return OmegaConf.to_object(OmegaConf.merge(schema, {"model": preset}, *dicts))
+
+
+def _recipe_relative_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A recipe's relative source paths that are missing from the working directory but exist
+    next to the recipe point there (globs and URLs are left alone)."""
+    sources = data.get("sources")
+    for src in sources if isinstance(sources, list) else []:
+        if isinstance(src, dict) and isinstance(src.get("paths"), list):
+            src["paths"] = [
+                str(folder / p)
+                if isinstance(p, str)
+                and not Path(p).exists()
+                and not any(c in p for c in "*?[")
+                and "://" not in p
+                and (folder / p).exists()
+                else p
+                for p in src["paths"]
+            ]
+    return data
+
+
+def _source_node(i: int, raw: Any, clean: DictConfig) -> DictConfig:
+    """sources[i] checked against SourceConfig, holding its full clean settings: the global
+    `clean` section with the source's own keys assigned over it one by one (a value replaces,
+    so `max_top_ngram_fraction: {}` turns that rule off for this source)."""
+    where = f"sources[{i}]"
+    if dataclasses.is_dataclass(raw):
+        raw = dataclasses.asdict(raw)
+    if not isinstance(raw, dict):
+        raise LmforgeError(f"config key '{where}' must be a mapping (name, paths, weight, ...)")
+    raw = dict(raw)
+    own_clean = raw.pop("clean", None) or {}
+    if not isinstance(own_clean, dict):
+        raise LmforgeError(f"config key '{where}.clean' must be a mapping, e.g. {{min_words: 3}}")
+    candidates = [f"{where}.{k}" for k in dataclass_keys(SourceConfig)]
+    with _friendly_errors(candidates, where):
+        node = OmegaConf.merge(OmegaConf.structured(SourceConfig), raw)
+        node.clean = copy.deepcopy(clean)
+        for key, value in own_clean.items():
+            node.clean[key] = value
+    return node
+
+
+def build_prepare_config(
+    *layers: dict[str, Any] | str | Path, overrides: list[str] = ()
+) -> PrepareConfig:
+    """Merge defaults <- each layer (dict or YAML path) <- overrides into a checked PrepareConfig.
+
+    `sources` is a list: the last layer that gives one replaces earlier ones (as OmegaConf does
+    with lists). Each source is checked on its own, so errors name it (`sources[1].weight`).
+    Relative source paths in a YAML file resolve against its folder when they are not found
+    from the working directory."""
+    dicts = _read_layers(layers, overrides, on_yaml=_recipe_relative_paths)
+    sources = None
+    for d in dicts:
+        sources = d.get("sources", sources)
+    if sources is not None and not isinstance(sources, (list, tuple)):
+        raise LmforgeError("config key 'sources' must be a list of {name, paths, ...} mappings")
+    candidates = dataclass_keys(PrepareConfig)
+    with _friendly_errors(candidates):
+        merged = OmegaConf.merge(
+            OmegaConf.structured(PrepareConfig),
+            *({k: v for k, v in d.items() if k != "sources"} for d in dicts),
+        )
+    merged.sources = [_source_node(i, s, merged.clean) for i, s in enumerate(sources or [])]
+    with _friendly_errors(candidates):
         return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        cause = e.__cause__ if isinstance(e.__cause__, LmforgeError) else None
-        if cause is not None:
-            raise cause from None
-        raise _friendly(e) from None
 
 
 def model_config(**overrides: Any) -> ModelConfig:
@@ -368,12 +668,25 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def describe_keys() -> list[tuple[str, Any, str]]:
-    """(key, resolved default, doc) for every config key, defaults as the default job has them."""
-    defaults = to_dict(build_config())
+_DEFAULTS: dict[type, Callable[[], Any]] = {
+    Config: build_config,
+    PrepareConfig: build_prepare_config,
+}
+"""How each root's defaults are resolved for --help (train's through its preset)."""
+
+
+def describe_keys(root: type = Config) -> list[tuple[str, Any, str]]:
+    """(key, resolved default, doc) for every key of a root's tree (Config, PrepareConfig): one
+    row per field of each section; a list section (`sources`) is one row."""
+    defaults = to_dict(_DEFAULTS[root]())
+    hints = typing.get_type_hints(root)
     rows = []
-    for section in dataclasses.fields(Config):
-        section_cls = type(section.default_factory())
+    for section in dataclasses.fields(root):
+        section_cls = hints[section.name]
+        if not dataclasses.is_dataclass(section_cls):
+            doc = field_docs(root).get(section.name, "")
+            rows.append((section.name, defaults[section.name], doc))
+            continue
         docs = field_docs(section_cls)
         for f in dataclasses.fields(section_cls):
             rows.append(

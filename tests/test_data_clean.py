@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 
 from lmforge.common import LmforgeError
-from lmforge.data.clean import CleanConfig, Cleaner, normalize, quality_reason, scrub_pii
+from lmforge.config import CleanConfig
+from lmforge.data.clean import Cleaner, normalize, quality_reason, scrub_pii
 
 GOOD = (
     "The committee met on Tuesday to discuss the new library. Several members argued that the "

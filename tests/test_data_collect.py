@@ -1,5 +1,6 @@
 """Collection: every file format, compression, bad input counted (not crashing), and URL
-fetching against a local HTTP server on 127.0.0.1 (200, 404, timeout, robots, oversized)."""
+fetching against a local HTTP server on 127.0.0.1 (200, 404, timeout, robots, oversized,
+schemes other than http(s), private addresses, one deadline for a trickled download)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import gzip
 import json
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow as pa
@@ -15,7 +17,8 @@ import pytest
 import zstandard
 
 from lmforge.common import LmforgeError
-from lmforge.data.collect import CollectStats, FetchConfig, SourceConfig, iter_documents
+from lmforge.config import FetchConfig, SourceConfig
+from lmforge.data.collect import CollectStats, iter_documents
 
 
 def collect(paths, fetch=None, **kw):
@@ -135,6 +138,15 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _trickle(self, data: bytes) -> None:
+        try:
+            for i in range(len(data)):
+                self.wfile.write(data[i : i + 1])
+                self.wfile.flush()
+                time.sleep(0.1)
+        except OSError:  # the client gave up: what a deadline is for
+            pass
+
     def do_GET(self):
         Handler.hits[self.path] = Handler.hits.get(self.path, 0) + 1
         if self.path == "/robots.txt":
@@ -151,6 +163,20 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path == "/flaky":
             code = 503 if Handler.hits[self.path] == 1 else 200
             self._send(code, PAGE)
+        elif self.path.startswith("/redirect?"):
+            self.send_response(302)
+            self.send_header("Location", urllib.parse.unquote(self.path[len("/redirect?") :]))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif self.path == "/trickle-body":  # a byte every 0.1 s: 3 s for the whole body
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", "30")
+            self.end_headers()
+            self._trickle(b"x" * 30)
+        elif self.path == "/trickle-headers":  # the same, before the headers are even complete
+            self.wfile.write(b"HTTP/1.0 200 OK\r\n")
+            self._trickle(b"X-Slow: " + b"y" * 20 + b"\r\nContent-Length: 2\r\n\r\nok")
         else:
             self._send(404, b"not found")
 
@@ -171,7 +197,7 @@ def test_url_outcomes_against_a_local_server(tmp_path, server):
     urls = tmp_path / "list.urls"
     paths = ["/ok.html", "/plain", "/missing", "/slow", "/private/secret.html", "/big", "/flaky"]
     urls.write_text("# comment\n" + "\n".join(server + p for p in paths) + "\n", encoding="utf-8")
-    fetch = FetchConfig(timeout_s=0.5, retries=1, max_bytes=100_000)
+    fetch = FetchConfig(timeout_s=0.5, retries=1, max_bytes=100_000, allow_private_addresses=True)
     t0 = time.monotonic()
     docs, stats = collect([urls], fetch=fetch)
     assert time.monotonic() - t0 < 10
@@ -192,3 +218,80 @@ def test_url_outcomes_against_a_local_server(tmp_path, server):
     ]
     assert Handler.hits["/robots.txt"] == 1 and Handler.hits["/missing"] == 1  # no retry on 4xx
     assert "/private/secret.html" not in Handler.hits and Handler.hits["/flaky"] == 2
+
+
+LOCAL = FetchConfig(timeout_s=2.0, retries=0, allow_private_addresses=True)
+
+
+def test_url_lists_fetch_only_http_and_https(tmp_path, server):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("local file", encoding="utf-8")
+    others = [
+        secret.as_uri(),
+        "file:///etc/passwd",
+        "ftp://127.0.0.1:9/x",
+        "data:,hello",
+        "ok.html",
+    ]
+    urls = tmp_path / "list.urls"
+    urls.write_text("\n".join([*others, server + "/ok.html"]) + "\n", encoding="utf-8")
+    docs, stats = collect([urls], fetch=LOCAL)
+    assert [d.text for d in docs] == [PAGE.decode()]
+    assert [u["outcome"] for u in stats.urls] == ["bad_scheme"] * 5 + ["ok"]
+    assert stats.counts["url_bad_scheme"] == 5 and stats.counts["url_ok"] == 1
+
+
+def test_redirects_to_other_schemes_are_refused(server):
+    targets = ["file:///etc/passwd", "ftp://127.0.0.1:9/x", "data:,hello", "/ok.html"]
+    urls = [f"{server}/redirect?{urllib.parse.quote(t, safe='')}" for t in targets]
+    docs, stats = collect(urls, fetch=LOCAL)
+    assert [u["outcome"] for u in stats.urls] == ["bad_redirect"] * 3 + ["ok"]
+    assert [d.text for d in docs] == [PAGE.decode()]  # a same-server redirect still works
+
+
+def test_blocked_ip_classes():
+    from lmforge.data.collect import _blocked_ip
+
+    blocked = ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0"]
+    blocked += ["224.0.0.1", "240.0.0.1", "100.100.100.200", "::1", "::", "fe80::1%eth0"]
+    blocked += ["fc00::1", "ff02::1", "::ffff:127.0.0.1", "::ffff:169.254.169.254"]
+    assert [a for a in blocked if not _blocked_ip(a)] == []
+    assert not any(_blocked_ip(a) for a in ["93.184.216.34", "2606:2800:220:1::1", "8.8.8.8"])
+
+
+def test_private_addresses_are_blocked_unless_allowed(server):
+    port = server.rsplit(":", 1)[1]
+    hosts = ["127.0.0.1", "localhost", "[::ffff:127.0.0.1]", "0.0.0.0"]  # localhost: after DNS
+    urls = [f"http://{h}:{port}/ok.html" for h in hosts]
+    docs, stats = collect(urls, fetch=FetchConfig(timeout_s=2.0, retries=0))
+    assert docs == [] and [u["outcome"] for u in stats.urls] == ["blocked_address"] * 4
+    assert Handler.hits == {}  # not even robots.txt was asked for
+    docs, stats = collect(urls[:2], fetch=LOCAL)
+    assert [u["outcome"] for u in stats.urls] == ["ok", "ok"] and len(docs) == 2
+
+
+@pytest.mark.parametrize("path", ["/trickle-body", "/trickle-headers"])
+def test_one_deadline_covers_the_whole_download(server, path):
+    fetch = FetchConfig(timeout_s=0.5, retries=0, allow_private_addresses=True)
+    t0 = time.monotonic()
+    docs, stats = collect([server + path], fetch=fetch)
+    elapsed = time.monotonic() - t0
+    assert [u["outcome"] for u in stats.urls] == ["timeout"] and docs == []
+    assert elapsed < 1.5, f"a trickling server held the fetch for {elapsed:.1f} s"
+
+
+def test_collect_and_read_utf8_text_share_one_binary_sniffer(tmp_path):
+    from lmforge.fileio import SNIFF_BYTES, looks_binary, read_utf8_text
+
+    inside = tmp_path / "inside.txt"
+    inside.write_bytes(b"a" * (SNIFF_BYTES - 1) + b"\x00")
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"a" * SNIFF_BYTES + b"\x00")
+    assert looks_binary(inside.read_bytes()) and not looks_binary(outside.read_bytes())
+    docs, stats = collect([inside])
+    assert docs == [] and stats.counts["skipped_binary"] == 1
+    with pytest.raises(LmforgeError, match="looks binary"):
+        read_utf8_text(inside)
+    docs, stats = collect([outside])
+    assert len(docs) == 1 and stats.counts["skipped_binary"] == 0
+    assert read_utf8_text(outside).endswith("\x00")

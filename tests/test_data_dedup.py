@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from lmforge.common import LmforgeError
-from lmforge.data.dedup import DedupConfig, Deduplicator, MinHasher, exact_key
+from lmforge.config import DedupConfig
+from lmforge.data.dedup import Deduplicator, MinHasher, exact_key
 
 
 def test_exact_duplicates_ignore_case_and_whitespace():

@@ -29,7 +29,7 @@ def test_prepare_then_train_20_steps_loss_falls(tmp_path):
     recipe = ROOT / "configs" / "prepare_shakespeare_instructions.yaml"
     lmforge(
         "prepare", "--config", str(recipe), "--out", str(data),
-        "--tokenizer", "train:512", "--workers", "1",
+        "--tokenizer", "train:512", "--prepare.workers=1",
         timeout=120,
     )  # fmt: skip
     train_args = [

@@ -13,9 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from lmforge.cli import main
+from lmforge.cli.prepare import source_name
 from lmforge.common import LmforgeError
-from lmforge.data import pipeline
-from lmforge.data.pipeline import load_prepare_config, prepare
+from lmforge.config import CleanConfig, build_prepare_config
+from lmforge.data import stage_docs
+from lmforge.data.prepare import prepare
 from lmforge.data.shards import ShardWriter, is_prepared, read_prepared, token_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +25,7 @@ RECIPE = ROOT / "configs" / "prepare_shakespeare_instructions.yaml"
 
 
 def small_config(**kw):
-    return load_prepare_config(RECIPE, tokenizer="train:512", workers=1, **kw)
+    return build_prepare_config(RECIPE, {"prepare": {"tokenizer": "train:512", "workers": 1, **kw}})
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +115,7 @@ def test_interrupted_shard_writing_leaves_no_complete_looking_dataset(tmp_path, 
     with pytest.raises(LmforgeError, match="not a prepared dataset"):
         read_prepared(out)
     monkeypatch.setattr(ShardWriter, "add", real_add)
-    monkeypatch.setattr(pipeline, "Cleaner", None)  # stage 1 must be reused, not rerun
+    monkeypatch.setattr(stage_docs, "Cleaner", None)  # stage 1 must be reused, not rerun
     report = prepare(small_config(seed=2), out)
     assert is_prepared(out) and not report["reused_shards"]
 
@@ -210,7 +212,74 @@ def test_cli_positional_inputs_with_binary_and_invalid_utf8(tmp_path, capsys):
     "recipe", sorted((ROOT / "configs").glob("prepare_*.yaml")), ids=lambda p: p.name
 )
 def test_every_prepare_recipe_parses(recipe):
-    cfg = load_prepare_config(recipe)
+    cfg = build_prepare_config(recipe)
     assert cfg.sources and all(s.weight is not None for s in cfg.sources)
-    for src in cfg.sources:
-        pipeline.source_clean_config(cfg, src)  # per-source clean overrides are valid keys
+    assert all(isinstance(s.clean, CleanConfig) for s in cfg.sources)  # typed, global + own keys
+
+
+def test_cli_derives_plain_source_names_from_any_input_name(tmp_path, capsys):
+    text = (ROOT / "lmforge" / "assets" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    (tmp_path / "my file.txt").write_text(text[:60_000], encoding="utf-8")
+    (tmp_path / "_x.txt").write_text(text[60_000:120_000], encoding="utf-8")
+    (tmp_path / "my-file.md").write_text(text[120_000:180_000], encoding="utf-8")
+    inputs = [tmp_path / "my file.txt", tmp_path / "_x.txt", tmp_path / "my-file.md"]
+    code, io = _cli(capsys, *inputs, "--out", tmp_path / "out", "--tokenizer", "byte",
+                    "--workers", "1")  # fmt: skip
+    assert code == 0, io.err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert list(report["sources"]) == ["my_file", "x", "my-file"]
+    for bad, plain in [("*", "source"), ("https://h/p?q=1", "p_q_1"), ("..x.txt", "source")]:
+        assert source_name(bad) == plain
+
+
+def test_cli_overrides_and_shorthands_reach_the_config(tmp_path, monkeypatch):
+    from lmforge.cli import prepare as prepare_cli
+
+    seen = {}
+
+    def fake_prepare(cfg, out, force):
+        seen["cfg"] = cfg
+        return {"reused_shards": False}
+
+    monkeypatch.setattr(prepare_cli, "prepare", fake_prepare)
+    monkeypatch.setattr(prepare_cli, "format_report", lambda report: "")
+    argv = ["prepare", "--config", str(RECIPE), "--out", str(tmp_path / "o"),
+            "--clean.min_words=3", "--prepare.val_fraction=0.2", "--seed", "7"]  # fmt: skip
+    assert main(argv) == 0
+    cfg = seen["cfg"]
+    assert cfg.clean.min_words == 3 and cfg.prepare.val_fraction == 0.2 and cfg.prepare.seed == 7
+    by_name = {s.name: s.clean for s in cfg.sources}
+    assert by_name["shakespeare"].min_words == 20  # the source's own key wins over the global
+    assert by_name["shakespeare"].pii  # global keys fill in the rest
+    assert by_name["instructions"].max_top_ngram_fraction == {}  # replaced, not merged
+
+
+def test_cli_typo_in_a_source_clean_key_is_one_line(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "sources: [{name: a, paths: [a.txt], clean: {min_wrds: 3}}]\n", encoding="utf-8"
+    )
+    (tmp_path / "a.txt").write_text("text\n", encoding="utf-8")  # found next to the recipe
+    code, io = _cli(capsys, "--config", recipe, "--out", tmp_path / "o")
+    assert code == 1 and io.err.strip() == (
+        "lmforge: error: unknown config key 'sources[0].clean.min_wrds'; "
+        "did you mean 'sources[0].clean.min_words'?"
+    )
+
+
+def test_atomic_folder_publishes_a_whole_folder_or_nothing(tmp_path):
+    from lmforge.fileio import atomic_folder
+
+    target = tmp_path / "tokenizer"
+    with atomic_folder(target) as tmp:
+        (tmp / "a").write_text("1", encoding="utf-8")
+        assert not target.exists()
+    assert (target / "a").read_text(encoding="utf-8") == "1"
+    with pytest.raises(KeyboardInterrupt), atomic_folder(target) as tmp:
+        (tmp / "a").write_text("2", encoding="utf-8")
+        raise KeyboardInterrupt
+    assert (target / "a").read_text(encoding="utf-8") == "1"  # the old folder is untouched
+    with atomic_folder(target) as tmp:
+        (tmp / "b").write_text("3", encoding="utf-8")
+    assert [p.name for p in target.iterdir()] == ["b"]  # replaced as a whole
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer"]  # no temp or old folders left

@@ -11,8 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmforge.common import LmforgeError
+from lmforge.config import SourceConfig
 from lmforge.data.clean import html_to_text, normalize
-from lmforge.data.collect import HTML, CollectStats, SourceConfig, iter_documents
+from lmforge.data.collect import HTML, CollectStats, iter_documents
 from lmforge.tokenizer import SPECIAL_TOKENS, bytes_per_token, train_bpe
 
 

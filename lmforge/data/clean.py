@@ -10,59 +10,13 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from lmforge.common import LmforgeError
-
-
-@dataclass
-class CleanConfig:
-    """Thresholds of the cleaning stage; 0 or None disables a rule."""
-
-    min_words: int = 50
-    max_words: int = 100_000
-    min_mean_word_length: float = 3.0
-    max_mean_word_length: float = 10.0
-    max_symbol_word_ratio: float = 0.1
-    """'#' and ellipses per word (Gopher: 0.1)."""
-    min_alpha_word_fraction: float = 0.8
-    """Fraction of words holding at least one letter (Gopher: 0.8)."""
-    min_punct_line_fraction: float = 0.0
-    """Fraction of non-empty lines ending in punctuation (C4 keeps only such lines; 0 = off)."""
-    max_dup_line_fraction: float = 0.3
-    """Fraction of lines that repeat an earlier line (Gopher: 0.3)."""
-    max_top_ngram_fraction: dict[int, float] = field(
-        default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16}
-    )
-    """n -> max share of characters in the single most frequent word n-gram (Gopher)."""
-    max_dup_ngram_fraction: dict[int, float] = field(
-        default_factory=lambda: {5: 0.15, 7: 0.13, 10: 0.10}
-    )
-    """n -> max share of characters inside word n-grams that occur more than once (Gopher)."""
-    languages: list[str] = field(default_factory=list)
-    """Keep only these ISO 639-1 codes (py3langid); empty = no language filter."""
-    min_language_score: float = 0.5
-    pii: bool = False
-    """Replace e-mails, phone numbers and IP addresses with <EMAIL>, <PHONE>, <IP>."""
-    blocklist: list[str] = field(default_factory=list)
-    """Words or phrases (case-insensitive, whole words) that drop a document."""
-    blocklist_file: str = ""
-    """A file with one blocked word or phrase per line, added to `blocklist`."""
-
-    def __post_init__(self) -> None:
-        for name in ("min_words", "max_words", "min_mean_word_length", "max_symbol_word_ratio"):
-            if getattr(self, name) < 0:
-                raise LmforgeError(f"clean.{name} must be >= 0")
-        for name in ("min_alpha_word_fraction", "min_punct_line_fraction", "max_dup_line_fraction"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise LmforgeError(f"clean.{name} must be in [0, 1]")
-        if self.blocklist_file and not Path(self.blocklist_file).is_file():
-            raise LmforgeError(f"clean.blocklist_file not found: {self.blocklist_file}")
-
+from lmforge.config import CleanConfig
 
 # ---------------------------------------------------------------- normalisation
 

@@ -5,15 +5,21 @@ Reads files, folders (recursive), globs and URL lists; `.txt .md .jsonl .json .p
 (files a line, a record or a parquet batch at a time), so memory stays bounded whatever the
 corpus size. Nothing here raises on bad content: binary files, invalid UTF-8, bad JSON lines,
 missing columns and failed URLs are counted in `CollectStats` (and per URL in `urls`).
+URLs are fetched over http(s) only, never from private or loopback addresses unless
+`FetchConfig.allow_private_addresses`, and within one deadline each (see `UrlFetcher`).
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import gzip
+import http.client
 import io
+import ipaddress
 import json
+import socket
 import time
 import urllib.error
 import urllib.parse
@@ -26,57 +32,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from lmforge.common import LmforgeError
+from lmforge.config import FetchConfig, SourceConfig
+from lmforge.fileio import SNIFF_BYTES, looks_binary
 
 TEXT, HTML = "text", "html"
 COMPRESSED = {".gz", ".zst"}
 URL_LIST_SUFFIX = ".urls"
-_SNIFF = 8192
-
-
-@dataclass
-class SourceConfig:
-    """One named source of the mixture."""
-
-    name: str = ""
-    paths: list[str] = field(default_factory=list)
-    """Files, folders (read recursively), globs, http(s) URLs, or `.urls` files listing URLs."""
-    weight: float | None = None
-    """Share of training tokens; None everywhere = every source in its natural proportion."""
-    text_field: list[str] = field(default_factory=lambda: ["text"])
-    """Fields (json/jsonl), columns (parquet/csv) joined by a blank line into a document."""
-    split: str = "file"
-    """How plain-text files become documents: file (one each), blank_lines (paragraphs), lines."""
-    chunk_bytes: int = 65536
-    """If > 0, plain-text documents are cut at line ends into pieces of about this size (a
-    book becomes many documents, so the train/val split by document works; 0 = never cut)."""
-    on_invalid_utf8: str = "replace"
-    """replace (U+FFFD, counted) or skip (the document is dropped, counted)."""
-    clean: dict[str, Any] = field(default_factory=dict)
-    """Per-source overrides of the global `clean` settings, e.g. {min_words: 3}."""
-
-    def __post_init__(self) -> None:
-        if self.split not in ("file", "blank_lines", "lines"):
-            raise LmforgeError(
-                f"source {self.name!r}: split={self.split!r} is not file, blank_lines or lines"
-            )
-        if self.on_invalid_utf8 not in ("replace", "skip"):
-            raise LmforgeError(f"source {self.name!r}: on_invalid_utf8 must be replace or skip")
-        if self.weight is not None and self.weight < 0:
-            raise LmforgeError(f"source {self.name!r}: weight must be >= 0")
-
-
-@dataclass
-class FetchConfig:
-    """HTTP(S) fetching of URL sources."""
-
-    timeout_s: float = 10.0
-    """Per-request limit on connecting and on the whole body download."""
-    retries: int = 2
-    """Extra attempts after timeouts, connection errors and 5xx answers (not after 4xx)."""
-    max_bytes: int = 10_000_000
-    """Bodies larger than this are skipped (outcome `too_large`)."""
-    user_agent: str = "lmforge"
-    respect_robots: bool = True
 
 
 @dataclass
@@ -198,8 +159,8 @@ def _read_file(path: Path, src: SourceConfig, stats: CollectStats) -> Iterator[D
     where = str(path)
     try:
         with _open_binary(path, compression) as f:
-            head = f.read(_SNIFF)
-            if b"\x00" in head and fmt != ".parquet":
+            head = f.read(SNIFF_BYTES)
+            if looks_binary(head) and fmt != ".parquet":
                 stats.skip("binary", where)
                 return
             stream = io.BufferedReader(_Prefixed(head, f)) if fmt != ".parquet" else None
@@ -346,37 +307,220 @@ def _parquet(
 
 # ---------------------------------------------------------------- URLs
 
+_SCHEMES = ("http", "https")
+
+
+class _Refused(Exception):
+    """A fetch refused on purpose; `outcome` is its line in `stats.urls`. Not an OSError, so
+    urllib passes it through unwrapped and it is never retried."""
+
+    def __init__(self, outcome: str):
+        super().__init__(outcome)
+        self.outcome = outcome
+
+
+def _blocked_ip(addr: str) -> bool:
+    """Whether an address is one a crawler must not reach: private, loopback, link-local (the
+    cloud metadata address 169.254.169.254), unspecified, multicast, reserved or otherwise not
+    global (e.g. 100.64/10, where some clouds put metadata), IPv4-mapped IPv6 included."""
+    try:
+        ip = ipaddress.ip_address(addr.split("%", 1)[0])  # fe80::1%eth0: drop the zone
+    except ValueError:
+        return True
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return (
+        ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_unspecified
+        or ip.is_multicast
+        or ip.is_reserved
+        or not ip.is_global
+    )
+
+
+class _Guard:
+    """What every connection of one UrlFetcher checks: the address it reached, and the
+    deadline of the download in progress (one for connect + headers + body + redirects)."""
+
+    def __init__(self, allow_private: bool):
+        self.allow_private = allow_private
+        self.deadline = float("inf")
+
+    def remaining(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("download took too long")
+        return left
+
+    def check_address(self, addr: str) -> None:
+        if not self.allow_private and _blocked_ip(addr):
+            raise _Refused("blocked_address")
+
+    def check_host(self, host: str) -> None:
+        """Through a proxy the peer is the proxy, so the target's own DNS answers are checked."""
+        if self.allow_private:
+            return
+        try:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except OSError:
+            return  # the proxy reports the failure
+        for info in infos:
+            self.check_address(str(info[4][0]))
+
+
+class _DeadlineIO(io.RawIOBase):
+    """A response's socket stream that gives every read only the time left before the
+    deadline, so a server trickling bytes (headers or body) cannot stretch a download."""
+
+    def __init__(self, raw: io.RawIOBase, sock: socket.socket, guard: _Guard):
+        self.raw, self.sock, self.guard = raw, sock, guard
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int | None:
+        self.sock.settimeout(self.guard.remaining())
+        return self.raw.readinto(b)
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.raw.close()
+        super().close()
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    def __init__(self, sock, *args, guard: _Guard, **kwargs):
+        super().__init__(sock, *args, **kwargs)
+        # Keep the socket file's own reference (urllib closes the connection's socket right
+        # after the headers and the body is read through this file).
+        self.fp = io.BufferedReader(_DeadlineIO(self.fp.detach(), sock, guard))
+
+
+def _guarded(base: type, guard: _Guard, check_peer: bool):
+    """A connection class of `base` that connects within the deadline and refuses a blocked
+    peer right after connecting, before a byte is sent (catching DNS rebinding and redirects
+    to private hosts, which a check of the name alone would miss)."""
+
+    class Connection(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._create_connection = self._connect_checked
+            self.response_class = functools.partial(_DeadlineResponse, guard=guard)
+
+        def _connect_checked(self, address, timeout=None, source_address=None):
+            sock = socket.create_connection(address, guard.remaining(), source_address)
+            try:
+                if check_peer:
+                    guard.check_address(str(sock.getpeername()[0]))
+                sock.settimeout(guard.remaining())
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+
+    return Connection
+
+
+def _check_target(req: urllib.request.Request, guard: _Guard) -> bool:
+    """-> whether to check the peer; through a proxy, checks the target's name instead."""
+    if req.has_proxy() or req._tunnel_host:
+        guard.check_host(urllib.parse.urlsplit(req.full_url).hostname or "")
+        return False
+    return True
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, guard: _Guard):
+        super().__init__()
+        self.guard = guard
+
+    def http_open(self, req):
+        check_peer = _check_target(req, self.guard)
+        return self.do_open(_guarded(http.client.HTTPConnection, self.guard, check_peer), req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, guard: _Guard):
+        super().__init__()
+        self.guard = guard
+
+    def https_open(self, req):
+        check_peer = _check_target(req, self.guard)
+        conn = _guarded(http.client.HTTPSConnection, self.guard, check_peer)
+        return self.do_open(conn, req, context=self._context)
+
+
+class _RedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follows redirects to http(s) only; anything else (file:, ftp:, data:) is refused."""
+
+    def http_error_302(self, req, fp, code, msg, headers):
+        target = headers.get("location") or headers.get("uri")
+        if target is not None:
+            scheme = urllib.parse.urlsplit(urllib.parse.urljoin(req.full_url, target)).scheme
+            if scheme.lower() not in _SCHEMES:
+                fp.close()
+                raise _Refused("bad_redirect")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+def _opener(guard: _Guard) -> urllib.request.OpenerDirector:
+    """Only the http(s) handlers (ours) and the plumbing: no file:, ftp: or data: handler."""
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        urllib.request.ProxyHandler(),
+        urllib.request.UnknownHandler(),
+        _HTTPHandler(guard),
+        _HTTPSHandler(guard),
+        urllib.request.HTTPDefaultErrorHandler(),
+        _RedirectHandler(),
+        urllib.request.HTTPErrorProcessor(),
+    ):
+        opener.add_handler(handler)
+    return opener
+
 
 class UrlFetcher:
-    """Fetch URLs politely: robots.txt (one read per host), timeouts, retries with backoff,
-    a size cap. Every URL gets an outcome line in `stats.urls`."""
+    """Fetch URLs politely and safely: http(s) only (redirects too), no private addresses
+    unless allowed, robots.txt (one read per host), one deadline per download, retries with
+    backoff, a size cap. Every URL gets an outcome line in `stats.urls`."""
 
     def __init__(self, cfg: FetchConfig, stats: CollectStats):
         self.cfg, self.stats = cfg, stats
         self._robots: dict[str, urllib.robotparser.RobotFileParser | None] = {}
+        self._guard = _Guard(cfg.allow_private_addresses)
+        self._opener = _opener(self._guard)
 
     def _get(self, url: str) -> tuple[int, str, bytes]:
         """One GET -> (status, content type, body); raises on network errors, ValueError when
-        the body is over the cap, TimeoutError when the whole download takes too long."""
+        the body is over the cap, TimeoutError past the deadline, _Refused when refused."""
         req = urllib.request.Request(url, headers={"User-Agent": self.cfg.user_agent})
-        deadline = time.monotonic() + self.cfg.timeout_s
+        self._guard.deadline = time.monotonic() + self.cfg.timeout_s
         try:
-            resp = urllib.request.urlopen(req, timeout=self.cfg.timeout_s)
-        except urllib.error.HTTPError as e:
-            return e.code, "", b""
-        with resp:
-            length = resp.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > self.cfg.max_bytes:
-                raise ValueError("too_large")
-            chunks, size = [], 0
-            while chunk := resp.read(65536):
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > self.cfg.max_bytes:
+            try:
+                resp = self._opener.open(req, timeout=self.cfg.timeout_s)
+            except urllib.error.HTTPError as e:
+                e.close()
+                return e.code, "", b""
+            with resp:
+                length = resp.headers.get("Content-Length")
+                if length and length.isdigit() and int(length) > self.cfg.max_bytes:
                     raise ValueError("too_large")
-                if time.monotonic() > deadline:
-                    raise TimeoutError("download took too long")
-            return resp.status, resp.headers.get_content_type(), b"".join(chunks)
+                chunks, size = [], 0
+                while chunk := resp.read1(65536):  # whatever has arrived; _DeadlineIO times it
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > self.cfg.max_bytes:
+                        raise ValueError("too_large")
+                return resp.status, resp.headers.get_content_type(), b"".join(chunks)
+        finally:
+            self._guard.deadline = float("inf")
 
     def _allowed(self, url: str) -> bool:
         parts = urllib.parse.urlsplit(url)
@@ -388,26 +532,51 @@ class UrlFetcher:
                 if status == 200:
                     parser = urllib.robotparser.RobotFileParser()
                     parser.parse(body.decode("utf-8", errors="replace").splitlines())
-            except (OSError, ValueError):
+            except (OSError, ValueError, http.client.HTTPException):
                 parser = None  # no readable robots.txt: allowed, as crawlers conventionally do
             self._robots[host] = parser
         parser = self._robots[host]
         return parser is None or parser.can_fetch(self.cfg.user_agent, url)
 
+    def _precheck(self, url: str) -> str | None:
+        """An outcome for a URL refused before any connection, else None."""
+        try:
+            parts = urllib.parse.urlsplit(url)
+            host = parts.hostname
+        except ValueError:
+            return "bad_scheme"
+        if parts.scheme.lower() not in _SCHEMES or not host:
+            return "bad_scheme"
+        try:
+            ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return None  # a name: checked at connect time, against the address reached
+        if self.cfg.allow_private_addresses or not _blocked_ip(host):
+            return None
+        return "blocked_address"
+
     def fetch(self, url: str) -> tuple[str, str, bytes]:
         """-> (outcome, content type, body); outcome is ok, http_<code>, timeout, too_large,
-        robots_disallowed or error."""
-        if self.cfg.respect_robots and not self._allowed(url):
-            return "robots_disallowed", "", b""
+        robots_disallowed, bad_scheme (not http/https), bad_redirect (to such a scheme),
+        blocked_address (a private or otherwise non-global address) or error."""
+        if refused := self._precheck(url):
+            return refused, "", b""
+        try:
+            if self.cfg.respect_robots and not self._allowed(url):
+                return "robots_disallowed", "", b""
+        except _Refused as e:
+            return e.outcome, "", b""
         outcome = "error"
         for attempt in range(self.cfg.retries + 1):
             if attempt:
                 time.sleep(min(0.25 * 2**attempt, 5.0))
             try:
                 status, ctype, body = self._get(url)
+            except _Refused as e:
+                return e.outcome, "", b""
             except ValueError:
                 return "too_large", "", b""
-            except (TimeoutError, OSError) as e:
+            except (TimeoutError, OSError, http.client.HTTPException) as e:
                 reason = getattr(e, "reason", e)
                 outcome = (
                     "timeout"
@@ -431,7 +600,7 @@ def _url_docs(
     stats.counts[f"url_{outcome}"] += 1
     if outcome != "ok":
         return
-    if b"\x00" in body[:_SNIFF]:
+    if looks_binary(body):
         stats.skip("binary", url)
         return
     text = _decode(body, src, url, stats)

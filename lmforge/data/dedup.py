@@ -16,35 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.common import LmforgeError
+from lmforge.config import DedupConfig
 
 _CHUNK = 4096  # shingles per vectorised block: bounds memory at _CHUNK * num_perm * 8 bytes
-
-
-@dataclass
-class DedupConfig:
-    exact: bool = True
-    near: bool = True
-    shingle_size: int = 5
-    """Words per shingle."""
-    num_perm: int = 128
-    """MinHash permutations (signature length)."""
-    bands: int = 16
-    """LSH bands; num_perm / bands rows each. Pairs with Jaccard above ~(1/bands)^(1/rows)
-    become candidates (0.71 for 16 x 8)."""
-    threshold: float = 0.7
-    """Estimated Jaccard similarity of shingle sets at or above which two documents are duplicates."""
-    seed: int = 1
-
-    def __post_init__(self) -> None:
-        if self.shingle_size < 1 or self.num_perm < 1 or self.bands < 1:
-            raise LmforgeError("dedup.shingle_size, num_perm and bands must be >= 1")
-        if self.num_perm % self.bands:
-            raise LmforgeError(
-                f"dedup.num_perm={self.num_perm} is not divisible by dedup.bands={self.bands}"
-            )
-        if not 0 < self.threshold <= 1:
-            raise LmforgeError(f"dedup.threshold={self.threshold} must be in (0, 1]")
 
 
 def exact_key(text: str) -> bytes:

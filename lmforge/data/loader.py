@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.common import LmforgeError
-
-TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
+from lmforge.common import LmforgeError, print0
+from lmforge.data.shards import token_dtype
+from lmforge.fileio import read_utf8_text
 
 
 class RandomWindowLoader:
@@ -87,34 +87,39 @@ def bundled_text_path() -> Path:
     return Path(str(resources.files("lmforge") / "assets" / "tinyshakespeare.txt"))
 
 
-def _decode(path: Path) -> str:
-    raw = path.read_bytes()
-    if b"\x00" in raw[:8192]:
-        raise LmforgeError(f"{path} looks binary (NUL bytes); give a UTF-8 text file")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise LmforgeError(
-            f"{path} is not UTF-8 text (bad byte 0x{raw[e.start]:02x} at offset {e.start})"
-        ) from None
+_RECORD_OR_COMPRESSED = {".jsonl", ".json", ".parquet", ".csv", ".html", ".htm", ".gz", ".zst"}
 
 
-def read_text_corpus(path: str) -> str:
-    """data.path as text: '' = bundled Shakespeare, a file, or a folder of .txt/.md files
-    (sorted, joined by blank lines)."""
+def read_documents(path: str, text_field: list[str]) -> list[str]:
+    """data.path as documents: '' = bundled Shakespeare; a plain text file is one document
+    (read strictly: binary or non-UTF-8 content is an error); a folder, or a json / jsonl /
+    parquet / csv / html file (optionally .gz/.zst), is read as `lmforge prepare` reads a
+    source, taking `text_field` from records."""
+    from lmforge.data.collect import HTML, CollectStats, SourceConfig, iter_documents
+
     p = Path(path) if path else bundled_text_path()
     if not p.exists():
         raise LmforgeError(f"data path not found: {p}")
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
-        if not files:
-            raise LmforgeError(f"no text files ({', '.join(sorted(TEXT_SUFFIXES))}) under {p}")
-        text = "\n\n".join(_decode(f) for f in files)
+    if p.is_file() and p.suffix.lower() not in _RECORD_OR_COMPRESSED:
+        docs = [read_utf8_text(p)]
     else:
-        text = _decode(p)
-    if not text.strip():
-        raise LmforgeError(f"data at {p} is empty")
-    return text
+        stats = CollectStats()
+        src = SourceConfig(name="data", paths=[str(p)], text_field=list(text_field), chunk_bytes=0)
+        docs = []
+        for doc in iter_documents(src, stats):
+            text = doc.text
+            if doc.kind == HTML:
+                from lmforge.data.clean import html_to_text
+
+                text = html_to_text(text) or ""
+            docs.append(text)
+        skipped = {k: v for k, v in stats.counts.items() if k.startswith("skipped")}
+        if skipped:
+            print0(f"data: skipped {skipped} under {p}: {'; '.join(stats.warnings[:3])}")
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise LmforgeError(f"data at {p} is empty (no text found)")
+    return docs
 
 
 class PretrainData:
@@ -127,14 +132,36 @@ class PretrainData:
         self.bytes_per_token = bytes_per_token
 
 
-def _tokenizer_for_text(spec: str, text: str):
+def _tokenizer_for_text(spec: str, docs: list[str]):
     from lmforge.tokenizer import ByteTokenizer, CharTokenizer, load_tokenizer
 
-    if spec == "char":
-        return CharTokenizer.from_text(text)
+    if spec in ("char", "auto"):  # documents need an end-of-text id between them
+        return CharTokenizer.from_text("".join(docs), with_eot=len(docs) > 1)
     if spec == "byte":
         return ByteTokenizer()
     return load_tokenizer(spec)
+
+
+def encode_documents(tok, docs: list[str]) -> np.ndarray:
+    """Documents -> one token stream, an end-of-text id between documents (a blank line
+    when the tokenizer has none)."""
+    ids: list[int] = []
+    separator = [tok.eot_id] if tok.eot_id is not None else tok.encode("\n\n")
+    for i, doc_ids in enumerate(tok.encode_batch(docs)):
+        if i:
+            ids += separator
+        ids += doc_ids
+    return np.array(ids, dtype=token_dtype(tok.vocab_size))
+
+
+def text_bytes_per_token(tok, ids: np.ndarray, max_tokens: int = 1_000_000) -> float:
+    """UTF-8 bytes of the text the ids stand for, per token, end-of-text tokens counting as
+    tokens but not as bytes (they are not text): the divisor that turns nats per token into
+    bits per byte. Measured on the first max_tokens ids."""
+    sample = np.asarray(ids[:max_tokens])
+    text_ids = sample[sample != tok.eot_id] if tok.eot_id is not None else sample
+    n_bytes = len(tok.decode(text_ids.tolist()).encode("utf-8"))
+    return n_bytes / max(1, len(sample))
 
 
 def load_pretrain_data(data_cfg, tokenizer=None) -> PretrainData:
@@ -144,19 +171,36 @@ def load_pretrain_data(data_cfg, tokenizer=None) -> PretrainData:
     data.tokenizer."""
     path = data_cfg.path
     if path and (Path(path) / "manifest.json").is_file():
-        from lmforge.data.shards import read_prepared
+        return _prepared_data(path, data_cfg.tokenizer)
+    docs = read_documents(path, data_cfg.text_field)
+    tok = tokenizer or _tokenizer_for_text(data_cfg.tokenizer, docs)
+    ids = encode_documents(tok, docs)
+    split = int(len(ids) * (1 - data_cfg.val_fraction))
+    train, val = ids[:split], ids[split:]
+    return PretrainData([train], [val], tok, text_bytes_per_token(tok, val))
 
-        ds = read_prepared(path)
-        tok = ds.tokenizer
-        sample = np.concatenate([np.asarray(a[:200_000]) for a in ds.val])
-        bpt = len(tok.decode(sample.tolist()).encode("utf-8")) / max(1, len(sample))
-        return PretrainData(ds.train, ds.val, tok, bpt)
-    text = read_text_corpus(path)
-    tok = tokenizer or _tokenizer_for_text(data_cfg.tokenizer, text)
-    split = int(len(text) * (1 - data_cfg.val_fraction))
-    train_text, val_text = text[:split], text[split:]
-    dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
-    train = np.array(tok.encode(train_text), dtype=dtype)
-    val = np.array(tok.encode(val_text), dtype=dtype)
-    bpt = len(val_text.encode("utf-8")) / max(1, len(val))
-    return PretrainData([train], [val], tok, bpt)
+
+def _prepared_data(path: str, tokenizer_spec: str) -> PretrainData:
+    from lmforge.data.shards import read_prepared
+    from lmforge.tokenizer import load_tokenizer, tokenizer_hash
+
+    ds = read_prepared(path)
+    tok = ds.tokenizer
+    if tokenizer_spec != "auto" and tokenizer_hash(
+        load_tokenizer(tokenizer_spec)
+    ) != tokenizer_hash(tok):
+        raise LmforgeError(
+            f"--data.tokenizer={tokenizer_spec} is not the tokenizer {path} was prepared with; "
+            "prepared data brings its own (drop --data.tokenizer, or prepare again with it)"
+        )
+    if ds.num_tokens("val") == 0:
+        raise LmforgeError(
+            f"{path} has no validation split (prepared with val_fraction 0); run `lmforge "
+            "prepare` again with --val-fraction > 0, since training evaluates on held-out data"
+        )
+    return PretrainData(
+        ds.train,
+        ds.val,
+        tok,
+        text_bytes_per_token(tok, np.concatenate([a[:1_000_000] for a in ds.val])),
+    )

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from lmforge.common import LmforgeError
+from lmforge.fileio import write_json  # noqa: F401 (also imported from here by callers)
 from lmforge.tokenizer import Tokenizer, load_tokenizer, tokenizer_hash
 
 MANIFEST = "manifest.json"
@@ -31,20 +32,6 @@ _FLUSH_TOKENS = 1 << 20
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    """Write a small file atomically: temp name, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    _fsync_write(path, json.dumps(obj, indent=2, ensure_ascii=False).encode("utf-8"))
 
 
 class ShardWriter:
