@@ -30,4 +30,4 @@ bench: setup
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/generation.py
 	$(BIN)/python benchmarks/data_throughput.py
-	test -z "$(NANOGPT)" || $(BIN)/python benchmarks/train_vs_nanogpt.py --nanogpt $(NANOGPT) --bf16
+	test -z "$(NANOGPT)" || $(BIN)/python benchmarks/train_vs_nanogpt.py --nanogpt $(NANOGPT)

@@ -15,8 +15,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lmforge.common import autocast_context
 from lmforge.config import model_config
+from lmforge.hardware import autocast_context
 from lmforge.model.gpt import GPT
 
 

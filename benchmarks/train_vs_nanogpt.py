@@ -10,6 +10,9 @@ line is timestamped on arrival, so both are timed the same way from process star
     every --eval-interval steps on --eval-iters batches).
 
     python benchmarks/train_vs_nanogpt.py --nanogpt .peers/nanoGPT [--iters 2000]
+
+lmforge runs once per precision in --precisions (default: fp32, as nanoGPT on a CPU, and auto,
+which picks bf16 autocast on CPUs whose native bf16 matmuls measure faster).
 """
 
 from __future__ import annotations
@@ -95,7 +98,9 @@ def main() -> None:
     p.add_argument("--eval-iters", type=int, default=20)
     p.add_argument("--target", type=float, default=1.886)
     p.add_argument("--lmforge-args", default="", help="extra lmforge overrides, space-separated")
-    p.add_argument("--bf16", action="store_true", help="also run lmforge with bf16 autocast")
+    p.add_argument(
+        "--precisions", default="fp32,auto", help="lmforge's train.precision values to run"
+    )
     args = p.parse_args()
     r = RECIPE
     prepare_nanogpt_data(args.nanogpt)
@@ -143,12 +148,10 @@ def main() -> None:
     results = {}
     nano_re = (r"^iter (\d+): loss", r"^step (\d+): train loss [\d.]+, val loss ([\d.]+)")
     ours_re = (r"^step (\d+) \| loss", r"^step (\d+) \| val_loss ([\d.]+)")
-    runs = [
-        ("nanoGPT", nano_cmd, args.nanogpt, nano_re),
-        ("lmforge", ours_cmd, Path.cwd(), ours_re),
-    ]
-    if args.bf16:
-        runs.append(("lmforge bf16", [*ours_cmd, "--train.precision=bf16"], Path.cwd(), ours_re))
+    runs = [("nanoGPT", nano_cmd, args.nanogpt, nano_re)]
+    for precision in args.precisions.split(","):
+        cmd = [*ours_cmd, f"--train.precision={precision}"]
+        runs.append((f"lmforge {precision}", cmd, Path.cwd(), ours_re))
     for name, cmd, cwd, (iter_re, val_re) in runs:
         print(f"running {name} ...", flush=True)
         results[name] = summarise(
@@ -158,12 +161,12 @@ def main() -> None:
         f"\nnanoGPT CPU recipe, {args.iters} iters, eval every {args.eval_interval} on {args.eval_iters} batches"
     )
     print(
-        f"{'':12} {'tokens/s':>10} {'time to ' + str(args.target):>16} {'at step':>8} {'final val':>10} {'total s':>8}"
+        f"{'':14} {'tokens/s':>10} {'time to ' + str(args.target):>16} {'at step':>8} {'final val':>10} {'total s':>8}"
     )
     for name, s in results.items():
         hit = f"{s['time_to_target_s']:.1f} s" if s["time_to_target_s"] else "not reached"
         print(
-            f"{name:12} {s['tokens_per_s']:10.0f} {hit:>16} {s['step_at_target'] or '-':>8} "
+            f"{name:14} {s['tokens_per_s']:10.0f} {hit:>16} {s['step_at_target'] or '-':>8} "
             f"{s['final_val'] or float('nan'):10.4f} {s['total_s']:8.1f}"
         )
     base = results["nanoGPT"]

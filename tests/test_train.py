@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,9 +20,10 @@ from lmforge.data.loader import RandomWindowLoader, bundled_text_path
 from lmforge.model.gpt import GPT
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import DistInfo
+from lmforge.train.losses import CausalLMLoss
 from lmforge.train.optim import build_optimizer, param_groups
 from lmforge.train.schedule import accum_steps_at, lr_at
-from lmforge.train.trainer import Trainer, causal_lm_loss
+from lmforge.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,6 +49,7 @@ def tiny_cfg(text_file: Path, run_dir: Path, **train) -> object:
             "eval_steps": 2,
             "ckpt_interval": 3,
             "keep_last": 10,
+            "precision": "fp32",  # exact comparisons; 'auto' may pick bf16 on this CPU
             **train,
         },
     }
@@ -66,7 +68,11 @@ def make_trainer(cfg, tokens: torch.Tensor, run_dir: Path, loss_fn=None) -> Trai
         [tokens.numpy()], cfg.model.block_size, cfg.train.micro_batch_size, cfg.train.seed
     )
     info = DistInfo(rank=0, world_size=1, device=torch.device("cpu"))
-    return Trainer(cfg, model, loader, None, run_dir, info, loss_fn or causal_lm_loss())
+    return Trainer(cfg, model, loader, None, run_dir, info, loss_fn or CausalLMLoss())
+
+
+def _flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
 def test_accumulation_equals_full_batch(text_file, tmp_path):
@@ -75,15 +81,100 @@ def test_accumulation_equals_full_batch(text_file, tmp_path):
     for micro, accum in ((8, 1), (2, 4)):
         cfg = tiny_cfg(text_file, tmp_path, micro_batch_size=micro, grad_accum_steps=accum)
         trainer = make_trainer(cfg, tokens, tmp_path / f"{micro}x{accum}")
+        initial = _flat(trainer.model).clone()
         for _ in range(3):
             trainer.train_step()
-        results.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
+        results.append(_flat(trainer.model))
+        assert not torch.equal(results[-1], initial)  # it trained
     full, accumulated = results
-    assert not torch.equal(
-        full, torch.cat([p.detach().flatten() for p in GPT(cfg.model).parameters()])
-    )
     rel = (full - accumulated).norm() / full.norm()
     assert rel <= 1e-6, rel
+
+
+class FixedLoader:
+    """One fixed global batch every step, split into `accum` micro-batches of equal rows."""
+
+    def __init__(self, batch: dict[str, torch.Tensor]):
+        self.batch = batch
+
+    def next_step(self, accum: int) -> list[dict[str, torch.Tensor]]:
+        rows = self.batch["input_ids"].size(0) // accum
+        return [
+            {k: v[i * rows : (i + 1) * rows] for k, v in self.batch.items()} for i in range(accum)
+        ]
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+def _masked_batch() -> dict[str, torch.Tensor]:
+    """8 rows whose target counts differ: rows 2-3 have none at all (every label -100, as
+    in SFT prompts), rows 4-7 only a few."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 65, (8, 33), generator=gen)
+    labels = ids[:, 1:].clone()
+    labels[2:4] = -100
+    labels[4:, :28] = -100
+    return {"input_ids": ids[:, :-1], "labels": labels}
+
+
+def _train_on(cfg, batch, run_dir, steps=3) -> tuple[torch.Tensor, list[dict]]:
+    trainer = make_trainer(cfg, torch.zeros(100, dtype=torch.long), run_dir)
+    trainer.train_loader = FixedLoader(batch)
+    rows = [trainer.train_step() for _ in range(steps)]
+    return _flat(trainer.model), rows
+
+
+def test_micro_batches_with_unequal_and_zero_targets_equal_the_full_batch(text_file, tmp_path):
+    batch = _masked_batch()
+    full, full_rows = _train_on(
+        tiny_cfg(text_file, tmp_path, micro_batch_size=8), batch, tmp_path / "a"
+    )
+    cfg = tiny_cfg(text_file, tmp_path, micro_batch_size=2, grad_accum_steps=4)
+    accumulated, rows = _train_on(cfg, batch, tmp_path / "b")
+    assert all(math.isfinite(r["loss"]) and not r.get("skipped") for r in rows)
+    assert (full - accumulated).norm() / full.norm() <= 1e-6
+    assert abs(rows[0]["loss"] - full_rows[0]["loss"]) <= 1e-6
+
+
+def test_a_step_with_no_targets_is_skipped_not_nan(text_file, tmp_path):
+    batch = _masked_batch()
+    batch["labels"][:] = -100
+    trainer = make_trainer(
+        tiny_cfg(text_file, tmp_path), torch.zeros(100, dtype=torch.long), tmp_path
+    )
+    trainer.train_loader = FixedLoader(batch)
+    before = _flat(trainer.model).clone()
+    row = trainer.train_step()
+    assert row["skipped"] and "loss" not in row and torch.equal(_flat(trainer.model), before)
+    assert trainer.bad_steps == 0
+
+
+def test_fp16_overflow_steps_are_flagged(text_file, tmp_path):
+    class Huge(CausalLMLoss):  # finite loss, but scaled gradients overflow
+        def __call__(self, model, batch):
+            loss, metrics = super().__call__(model, batch)
+            return loss * 1e30, metrics
+
+    cfg = tiny_cfg(text_file, tmp_path, precision="fp16")
+    trainer = make_trainer(cfg, torch.randint(0, 65, (3000,)), tmp_path, loss_fn=Huge())
+    before = _flat(trainer.model).clone()
+    row = trainer.train_step()
+    assert row["skipped"] == "fp16 gradients overflowed" and row["loss_scale"] < 65536.0
+    assert torch.equal(_flat(trainer.model), before)
+
+
+def test_every_metric_a_loss_returns_is_logged(text_file, tmp_path):
+    class WithAccuracy(CausalLMLoss):
+        def __call__(self, model, batch):
+            loss, metrics = super().__call__(model, batch)
+            return loss, {**metrics, "correct": self.units(batch) * 0.25}
+
+    cfg = tiny_cfg(text_file, tmp_path, grad_accum_steps=2)
+    trainer = make_trainer(cfg, torch.randint(0, 65, (3000,)), tmp_path, loss_fn=WithAccuracy())
+    row = trainer.train_step()
+    assert row["correct"] == pytest.approx(0.25)
+    assert row["tokens"] == 2 * 4 * cfg.model.block_size
 
 
 def test_adamw_matches_torch_and_the_formula(text_file, tmp_path):
@@ -129,11 +220,19 @@ def test_adamw_matches_torch_and_the_formula(text_file, tmp_path):
         torch.testing.assert_close(p, by_hand[n], rtol=1e-5, atol=1e-6)
 
 
-def test_every_parameter_in_exactly_one_group(text_file, tmp_path):
+def test_every_trainable_parameter_in_exactly_one_group(text_file, tmp_path):
     cfg = tiny_cfg(text_file, tmp_path)
     cfg.model.vocab_size = 65
-    groups = param_groups(GPT(cfg.model), 0.1)
+    model = GPT(cfg.model)  # the tiny preset ties lm_head to the token embedding
+    model.blocks[0].attn.qkv.weight.requires_grad_(False)  # frozen: in no group
+    groups = param_groups(model, 0.1)
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    grouped = [id(p) for g in groups for p in g["params"]]
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert len(grouped) == len(set(grouped)) == len(trainable) and set(grouped) == trainable
+    assert (
+        id(model.lm_head.weight) in grouped and id(model.blocks[0].attn.qkv.weight) not in grouped
+    )
     assert all(p.dim() >= 2 for p in groups[0]["params"]) and all(
         p.dim() < 2 for p in groups[1]["params"]
     )
@@ -190,28 +289,116 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / ckpt.WEIGHTS))
 
 
-def test_resume_is_bitwise_equal_to_an_uninterrupted_run(text_file, tmp_path):
-    from lmforge.train.cli import train
+def _lmforge(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lmforge", *args]
 
-    straight = tmp_path / "straight" / "r"
-    train(_with_dropout(tiny_cfg(text_file, tmp_path / "straight", max_steps=6, ckpt_interval=3)))
-    # Interrupted at step 3: the same run folder as it was then, resumed to step 6.
-    resumed = tmp_path / "resumed" / "r"
-    shutil.copytree(straight, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_0000006")
-    (resumed / "checkpoints" / "latest").write_text("step_0000003\n")
-    rows = read_metrics(resumed)
-    (resumed / "metrics.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= 3)
-    )
-    assert main(["train", f"--resume={resumed}"]) == 0
-    losses = lambda d: [(r["step"], r["loss"]) for r in read_metrics(d) if "loss" in r]  # noqa: E731
-    assert losses(resumed) == losses(straight)
-    a, b = (
-        _weights(straight / "checkpoints" / "step_0000006"),
-        _weights(resumed / "checkpoints" / "step_0000006"),
-    )
+
+def _train_args(text_file: Path, run_dir: Path, name: str, steps: int) -> list[str]:
+    return [
+        "train",
+        f"--data.path={text_file}",
+        "--model.preset=tiny",
+        "--model.dropout=0.1",
+        f"--train.max_steps={steps}",
+        "--train.log_interval=1",
+        "--train.eval_interval=40",
+        "--train.eval_steps=2",
+        "--train.ckpt_interval=1000000",
+        f"--run.dir={run_dir}",
+        f"--run.name={name}",
+        "--run.tensorboard=false",
+        "--run.sample_tokens=0",
+    ]
+
+
+def _train_losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run) if "loss" in r]
+
+
+def test_sigterm_then_resume_in_a_new_process_is_bitwise_equal(text_file, tmp_path):
+    """A real SIGTERM mid-run, then `--resume` in a fresh process, with dropout on: every
+    step's loss and the final weights equal an uninterrupted run's, bit for bit."""
+    import signal
+    import time
+
+    steps = 400
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    straight = subprocess.run(
+        _lmforge(*_train_args(text_file, tmp_path, "straight", steps)),
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    proc = subprocess.Popen(
+        _lmforge(*_train_args(text_file, tmp_path, "cut", steps)),
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    metrics, deadline = tmp_path / "cut" / "metrics.jsonl", time.time() + 120
+    while time.time() < deadline and (
+        not metrics.is_file() or len(metrics.read_text().splitlines()) < 30
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    stopped = _train_losses(tmp_path / "cut")[-1][0]
+    assert 25 <= stopped < steps, f"SIGTERM landed at step {stopped}, not mid-run"
+    resumed = subprocess.run(
+        _lmforge("train", f"--resume={tmp_path / 'cut'}"),
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _train_losses(tmp_path / "cut") == _train_losses(tmp_path / "straight")
+    a = _weights(ckpt.resolve_checkpoint(tmp_path / "straight"))
+    b = _weights(ckpt.resolve_checkpoint(tmp_path / "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fit_restores_the_signal_handlers(text_file, tmp_path):
+    import signal
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    trainer = make_trainer(
+        tiny_cfg(text_file, tmp_path, max_steps=2), torch.randint(0, 65, (3000,)), tmp_path
+    )
+    trainer.fit()
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_only_the_default_job_has_a_time_limit(monkeypatch, tmp_path):
+    import lmforge.cli.train as train_cli
+
+    seen = []
+    monkeypatch.setattr(train_cli, "train", lambda cfg, resume=None: seen.append(cfg))
+    assert main(["train"]) == 0
+    assert main(["train", "--config", str(REPO / "configs" / "train_gpt2_124m.yaml")]) == 0
+    assert main(["train", "--train.lr=1e-3"]) == 0
+    assert [c.train.max_minutes for c in seen] == [5.0, None, None]
+    assert build_config().train.max_minutes is None
+
+
+def test_jsonl_data_trains_on_the_text_field_not_the_json(tmp_path):
+    from lmforge.config import DataConfig
+    from lmforge.data.loader import load_pretrain_data
+
+    path = tmp_path / "data.jsonl"
+    records = [{"text": f"line {i} of plain prose.", "id": i} for i in range(400)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    data = load_pretrain_data(DataConfig(path=str(path)))
+    text = data.tokenizer.decode(np.concatenate([data.train[0], data.val[0]]).tolist())
+    assert "line 7 of plain prose." in text
+    assert '"text"' not in text and "{" not in text
+    assert data.tokenizer.eot_id is not None  # documents stay apart
+
+
+def test_a_folder_of_any_supported_format_is_read(tmp_path):
+    from lmforge.config import DataConfig
+    from lmforge.data.loader import load_pretrain_data
+
+    (tmp_path / "a.txt").write_text("plain words here. " * 20, encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "json words there. " * 20}) + "\n")
+    data = load_pretrain_data(DataConfig(path=str(tmp_path)))
+    text = data.tokenizer.decode(np.concatenate([data.train[0], data.val[0]]).tolist())
+    assert "plain words here." in text and "json words there." in text
 
 
 def _with_dropout(cfg):
@@ -240,16 +427,16 @@ def test_a_crash_mid_checkpoint_keeps_the_previous_one(text_file, tmp_path, monk
 
 
 def test_nan_loss_is_skipped_and_training_goes_on(text_file, tmp_path):
-    base = causal_lm_loss()
-    calls = {"n": 0}
+    class Flaky(CausalLMLoss):
+        calls = 0
 
-    def flaky(model, batch):
-        calls["n"] += 1
-        loss, metrics = base(model, batch)
-        return (loss * float("nan") if calls["n"] == 2 else loss), metrics
+        def __call__(self, model, batch):
+            self.calls += 1
+            loss, metrics = super().__call__(model, batch)
+            return (loss * float("nan") if self.calls == 2 else loss), metrics
 
     cfg = tiny_cfg(text_file, tmp_path, max_steps=5, ckpt_interval=100)
-    trainer = make_trainer(cfg, torch.randint(0, 65, (3000,)), tmp_path / "run", loss_fn=flaky)
+    trainer = make_trainer(cfg, torch.randint(0, 65, (3000,)), tmp_path / "run", loss_fn=Flaky())
     trainer.train_step()
     before = [p.detach().clone() for p in trainer.model.parameters()]
     row = trainer.train_step()
@@ -264,12 +451,15 @@ def test_nan_loss_is_skipped_and_training_goes_on(text_file, tmp_path):
 def test_repeated_nan_stops_with_a_clear_message(text_file, tmp_path):
     from lmforge.common import LmforgeError
 
-    def always_nan(model, batch):
-        loss, metrics = causal_lm_loss()(model, batch)
-        return loss * float("nan"), metrics
+    class AlwaysNan(CausalLMLoss):
+        def __call__(self, model, batch):
+            loss, metrics = super().__call__(model, batch)
+            return loss * float("nan"), metrics
 
     cfg = tiny_cfg(text_file, tmp_path, max_steps=20, max_bad_steps=3)
-    trainer = make_trainer(cfg, torch.randint(0, 65, (3000,)), tmp_path / "run", loss_fn=always_nan)
+    trainer = make_trainer(
+        cfg, torch.randint(0, 65, (3000,)), tmp_path / "run", loss_fn=AlwaysNan()
+    )
     with pytest.raises(LmforgeError, match="3 non-finite steps in a row"):
         trainer.fit()
 
@@ -299,8 +489,10 @@ def test_ddp_two_processes_match_one_process(text_file, tmp_path):
         "--train.log_interval=1",
         "--train.eval_interval=2",
         "--train.eval_steps=2",
+        "--train.precision=fp32",
         "--run.tensorboard=false",
         "--run.sample_tokens=0",
+        "--run.peak_tflops=1",
         f"--run.dir={tmp_path}",
     ]
     proc = _torchrun(
@@ -324,6 +516,14 @@ def test_ddp_two_processes_match_one_process(text_file, tmp_path):
         == 0
     )
     ddp, single = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "single")
+    # MFU divides the tokens/s of all ranks by all devices' peak (1 TFLOP/s each, as set)
+    cfg = build_config(tmp_path / "ddp" / "config.yaml")
+    flops = GPT(cfg.model).flops_per_token(cfg.model.block_size)
+    for rows, world in ((ddp, 2), (single, 1)):
+        rows = [r for r in rows if "mfu" in r]
+        assert rows and all(
+            r["mfu"] == pytest.approx(r["tokens_per_s"] * flops / (world * 1e12)) for r in rows
+        )
     for key in ("loss", "val_loss"):
         a = [r[key] for r in ddp if key in r]
         b = [r[key] for r in single if key in r]

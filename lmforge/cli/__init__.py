@@ -14,12 +14,12 @@ from lmforge.common import LmforgeError
 
 # verb -> (module providing add_arguments/run, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
-    "train": ("lmforge.train.cli", "pretrain a model (no arguments: the default Shakespeare job)"),
-    "generate": ("lmforge.engine_cli", "generate text from a checkpoint"),
-    "export": ("lmforge.model.hf_cli", "export a checkpoint to Hugging Face format"),
-    "import": ("lmforge.model.hf_cli", "import a Hugging Face model folder as a checkpoint"),
-    "prepare": ("lmforge.data.pipeline", "raw sources -> cleaned, deduplicated token shards"),
-    "tokenizer": ("lmforge.tokenizer_cli", "train a BPE tokenizer (`lmforge tokenizer train`)"),
+    "train": ("lmforge.cli.train", "pretrain a model (no arguments: the default Shakespeare job)"),
+    "generate": ("lmforge.cli.generate", "generate text from a checkpoint"),
+    "export": ("lmforge.cli.export", "export a checkpoint to Hugging Face format"),
+    "import": ("lmforge.cli.import_hf", "import a Hugging Face model folder as a checkpoint"),
+    "prepare": ("lmforge.cli.prepare", "raw sources -> cleaned, deduplicated token shards"),
+    "tokenizer": ("lmforge.cli.tokenizer", "train a BPE tokenizer (`lmforge tokenizer train`)"),
 }
 
 

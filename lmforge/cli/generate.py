@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 
-from lmforge.common import LmforgeError, pick_device
+from lmforge.common import LmforgeError
 from lmforge.engine import Engine, SamplingParams
+from lmforge.hardware import pick_device
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import load, resolve_checkpoint
 
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         top_k=args.top_k or None,
         top_p=args.top_p,
         repetition_penalty=args.repetition_penalty,
-        stop_ids=() if tokenizer.eot_id is None else (tokenizer.eot_id,),
+        stop_ids=tokenizer.stop_ids,  # end-of-text, plus e.g. Llama 3's <|eot_id|>
         seed=args.seed,
     )
     engine = Engine(model)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmforge.common import LmforgeError
+from lmforge.common import LmforgeError, did_you_mean
 
 _GPT2 = dict(
     mlp="gelu_tanh", norm="layernorm", bias=True, pos_encoding="learned", tie_embeddings=True
@@ -47,9 +47,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def preset_values(name: str) -> dict[str, Any]:
     if name not in PRESETS:
-        import difflib
-
-        near = difflib.get_close_matches(name, PRESETS, n=1)
-        hint = f"; did you mean '{near[0]}'?" if near else ""
-        raise LmforgeError(f"unknown model preset '{name}'{hint} (choices: {', '.join(PRESETS)})")
+        raise LmforgeError(
+            f"unknown model preset '{name}'{did_you_mean(name, PRESETS)} "
+            f"(choices: {', '.join(PRESETS)})"
+        )
     return dict(PRESETS[name])

@@ -1,11 +1,11 @@
-"""`lmforge train`: build the run from the config, train, evaluate, checkpoint, sample.
+"""The pretraining recipe: causal-LM data + next-token loss on the one Trainer.
 
-`train(cfg)` is the Python entry point; `run(args)` is the CLI verb around it.
+`train(cfg)` builds the run from the config (data, tokenizer, model, loaders), trains,
+evaluates, checkpoints and prints a sample; `lmforge train` (lmforge/cli/train.py) calls it.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Any
@@ -13,60 +13,14 @@ from typing import Any
 import torch
 
 from lmforge.common import LmforgeError, print0, seed_everything
-from lmforge.config import Config, build_config, describe_keys
+from lmforge.config import Config
 from lmforge.data.loader import RandomWindowLoader, load_pretrain_data
 from lmforge.model.gpt import GPT
 from lmforge.tokenizer import load_tokenizer
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import broadcast_object, destroy_distributed, init_distributed
-from lmforge.train.trainer import Trainer, causal_lm_loss
-
-
-def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
-    parser.add_argument("--config", metavar="FILE.yaml", help="a YAML recipe (see configs/)")
-    parser.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue a run exactly where it stopped"
-    )
-    keys = parser.add_argument_group(
-        "config keys (--section.key=value; YAML recipes use the same names)"
-    )
-    for key, default, doc in describe_keys():
-        keys.add_argument(
-            f"--{key}",
-            dest=f"cfg:{key}",
-            default=argparse.SUPPRESS,
-            metavar="V",
-            help=f"{doc} (default: {default})".replace("%", "%%").lstrip(),
-        )
-    parser.set_defaults(accepts_overrides=True, formatter_class=None)
-
-
-def _overrides(args: argparse.Namespace) -> list[str]:
-    out = [f"--{k[4:]}={v}" for k, v in vars(args).items() if k.startswith("cfg:")]
-    extra = list(getattr(args, "extra", []))
-    while extra:  # unknown keys: let the config say which valid key was meant
-        item = extra.pop(0)
-        if item.startswith("--") and "=" not in item and extra and not extra[0].startswith("--"):
-            item = f"{item}={extra.pop(0)}"
-        out.append(item)
-    return out
-
-
-def run(args: argparse.Namespace) -> int:
-    overrides = _overrides(args)
-    if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file() or ckpt.latest_checkpoint(run_dir) is None:
-            raise LmforgeError(
-                f"--resume={run_dir}: not an lmforge run folder with a checkpoint "
-                "(expected config.yaml and checkpoints/latest)"
-            )
-        cfg = build_config(run_dir / "config.yaml", overrides=overrides)
-        train(cfg, resume=run_dir)
-    else:
-        cfg = build_config(*([args.config] if args.config else []), overrides=overrides)
-        train(cfg)
-    return 0
+from lmforge.train.losses import CausalLMLoss
+from lmforge.train.trainer import Trainer
 
 
 def _new_run_dir(cfg: Config) -> Path:
@@ -128,8 +82,8 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
             val_batches,
             run_dir,
             info,
-            loss_fn=causal_lm_loss(t.label_smoothing),
-            eval_loss_fn=causal_lm_loss(),
+            loss_fn=CausalLMLoss(t.label_smoothing),
+            eval_loss_fn=CausalLMLoss(),
             tokenizer=data.tokenizer,
             bytes_per_token=data.bytes_per_token,
         )

@@ -8,17 +8,16 @@ crash mid-save leaves the previous checkpoint intact and never a folder that loo
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
 
 from lmforge.common import LmforgeError
 from lmforge.config import Config, build_config, save_config
+from lmforge.fileio import atomic_folder, atomic_write_text, contained
 from lmforge.model.gpt import GPT
 from lmforge.tokenizer import Tokenizer, load_tokenizer
 
@@ -27,18 +26,6 @@ CONFIG = "config.yaml"
 TOKENIZER = "tokenizer"
 TRAINER_STATE = "trainer_state.pt"
 LATEST = "latest"
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(
@@ -51,27 +38,13 @@ def save_checkpoint(
     """Write a checkpoint folder atomically; an existing folder of the same name is replaced
     only after the new one is complete on disk."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_model(model, str(tmp / WEIGHTS))
-    save_config(cfg, tmp / CONFIG)
-    if tokenizer is not None:
-        tokenizer.save(tmp / TOKENIZER)
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / TRAINER_STATE)
-    _fsync_tree(tmp)
-    if folder.exists():
-        old = folder.with_name(f".old-{folder.name}")
-        if old.exists():
-            shutil.rmtree(old)
-        folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(folder)
+    with atomic_folder(folder) as tmp:
+        save_model(model, str(tmp / WEIGHTS))
+        save_config(cfg, tmp / CONFIG)
+        if tokenizer is not None:
+            tokenizer.save(tmp / TOKENIZER)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_STATE)
     return folder
 
 
@@ -92,11 +65,17 @@ def load_checkpoint_config(folder: str | Path) -> Config:
     return build_config(folder / CONFIG)
 
 
-def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
-    """Load model.safetensors into `model`, strictly: a shape or name mismatch is a user error."""
+def load_weights(model: GPT, folder: str | Path, assign: bool = False) -> None:
+    """Load model.safetensors into `model`, strictly: a shape or name mismatch is a user error.
+    assign=True takes the file's tensors as the model's own (GPT.assign_weights), for a model
+    built on the meta device; otherwise they are copied into the existing parameters (which an
+    optimizer may already hold)."""
     path = Path(folder) / WEIGHTS
     try:
-        missing, unexpected = load_model(model, str(path), strict=False)
+        if assign:
+            missing, unexpected = model.assign_weights(load_file(str(path)))
+        else:
+            missing, unexpected = load_model(model, str(path), strict=False)
     except (SafetensorError, RuntimeError, OSError) as e:
         first = str(e).strip().splitlines()
         detail = next(
@@ -111,11 +90,14 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
 
 
 def load(folder: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer | None]:
-    """Load a checkpoint folder -> (model in eval mode, tokenizer or None)."""
+    """Load a checkpoint folder -> (model in eval mode, tokenizer or None). The model is built
+    on the meta device and takes the file's tensors as its own, so a large model is not
+    randomly initialised first only to be overwritten."""
     folder = Path(folder)
     cfg = load_checkpoint_config(folder)
-    model = GPT(cfg.model)
-    load_weights(model, folder)
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    load_weights(model, folder, assign=True)
     tokenizer = load_tokenizer(folder / TOKENIZER) if (folder / TOKENIZER).is_dir() else None
     return model.to(device).eval(), tokenizer
 
@@ -138,13 +120,14 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     pointer = Path(run_dir) / "checkpoints" / LATEST
     if not pointer.is_file():
         return None
-    target = pointer.parent / pointer.read_text(encoding="utf-8").strip()
+    name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+    if not name:
+        return None
+    # The pointer is a file anyone can edit: a name leading elsewhere is refused, not followed.
+    target = contained(pointer.parent, name, f"checkpoint named by {pointer}")
     return target if is_checkpoint(target) else None
 
 
 def set_latest(folder: Path) -> None:
     """Point the run's `latest` file at `folder` (a sibling checkpoint), atomically."""
-    pointer = folder.parent / LATEST
-    tmp = pointer.with_name(LATEST + ".tmp")
-    tmp.write_text(folder.name + "\n", encoding="utf-8")
-    tmp.replace(pointer)
+    atomic_write_text(folder.parent / LATEST, folder.name + "\n")

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lmforge.common import pick_device
+from lmforge.hardware import pick_device
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """AdamW with decoupled weight decay on matrices only (dim >= 2): embeddings and Linear weights
-decay; biases and norm gains don't. Every trainable parameter is in exactly one group."""
+decay; biases and norm gains don't. Frozen parameters (requires_grad=False, e.g. a base model
+under LoRA) are left out; a tied weight is one parameter and sits in one group."""
 
 from __future__ import annotations
 
@@ -9,15 +10,9 @@ from torch import nn
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     params = [p for p in model.parameters() if p.requires_grad]  # parameters() dedups tied weights
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    grouped = {id(p) for p in decay} | {id(p) for p in no_decay}
-    assert len(grouped) == len(params) == len(decay) + len(no_decay), (
-        "a parameter is in 0 or 2 groups"
-    )
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
 
 

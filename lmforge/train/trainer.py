@@ -1,11 +1,10 @@
 """THE training loop. Every method (pretraining, SFT, reward model, DPO, ...) is this Trainer
-with its own `loss_fn(model, batch) -> (loss, metrics)` and its own data.
+with its own loss (lmforge/train/losses.py: `units(batch)` and `loss_fn(model, batch) ->
+(loss sum, metrics)`) and its own data.
 
-A loss_fn returns the mean loss over the batch's units (target tokens, pairs, ...) and
-metrics["n"], the number of those units. The Trainer back-propagates loss * n for each
-micro-batch and divides the summed gradients by the step's total n across micro-batches and
-ranks, so that accumulation and DDP give the gradient of one big batch even when micro-batches
-hold different numbers of target tokens.
+A step fetches all its micro-batches first, counts their loss units across micro-batches and
+ranks, and back-propagates each micro-batch's loss sum divided by that total: accumulation
+and DDP then give exactly the gradient of one big batch, whatever each micro-batch holds.
 """
 
 from __future__ import annotations
@@ -14,18 +13,19 @@ import math
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from lmforge.common import LmforgeError, autocast_context, device_peak_flops, pick_precision
+from lmforge.common import LmforgeError
 from lmforge.config import Config, save_config, to_dict
+from lmforge.hardware import autocast_context, device_peak_flops, enable_tf32, pick_precision
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import (
     DistInfo,
@@ -34,34 +34,10 @@ from lmforge.train.distributed import (
     no_sync,
     parallelize,
 )
+from lmforge.train.losses import Batch, LossFn
 from lmforge.train.metrics import MetricsLogger
 from lmforge.train.optim import build_optimizer
 from lmforge.train.schedule import accum_steps_at, lr_at
-
-Batch = dict[str, torch.Tensor]
-LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, Any]]]
-
-
-def causal_lm_loss(label_smoothing: float = 0.0) -> LossFn:
-    """Next-token cross-entropy; labels are already shifted, -100 marks positions without loss."""
-
-    def loss_fn(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
-        logits = model(
-            batch["input_ids"],
-            attention_mask=batch.get("attention_mask"),
-            position_ids=batch.get("position_ids"),
-        )  # (B, T, V)
-        labels = batch["labels"]  # (B, T)
-        loss = F.cross_entropy(
-            logits.flatten(0, 1).float(),
-            labels.flatten(),
-            ignore_index=-100,
-            label_smoothing=label_smoothing,
-        )
-        return loss, {"n": (labels != -100).sum()}
-
-    return loss_fn
-
 
 # Columns of the printed log line and their formats (metrics.jsonl keeps full precision).
 _PRINTED = {
@@ -75,10 +51,21 @@ _PRINTED = {
 }
 
 
-def _mean_over_ranks(loss_sum: torch.Tensor, n_sum: torch.Tensor) -> tuple[float, float]:
-    """Unit-weighted mean loss over all ranks, and the total number of units."""
-    stats = all_reduce_sum(torch.stack([loss_sum, n_sum]))
-    return (stats[0] / stats[1].clamp(min=1)).item(), stats[1].item()
+def _reduce_over_ranks(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Sum each value over all ranks, in one all-reduce (keys in a fixed order)."""
+    keys = sorted(sums)
+    totals = all_reduce_sum(torch.stack([sums[k] for k in keys])).tolist()
+    return dict(zip(keys, totals))
+
+
+def _per_unit(totals: dict[str, float], prefix: str = "") -> dict[str, float]:
+    """The loss and every extra metric as a per-unit mean (units and tokens are counts)."""
+    units = max(totals["units"], 1.0)
+    return {
+        f"{prefix}{key}": value / units
+        for key, value in totals.items()
+        if key not in ("units", "tokens")
+    }
 
 
 class Trainer:
@@ -98,6 +85,7 @@ class Trainer:
         self.cfg, self.tcfg = cfg, cfg.train
         self.dist = dist_info
         self.device = dist_info.device
+        enable_tf32(self.device)
         self.model = model.to(self.device)
         self.train_loader = train_loader
         self.val_batches = val_batches
@@ -122,83 +110,95 @@ class Trainer:
     # ---------------------------------------------------------------- one optimizer step
     def train_step(self) -> dict[str, Any]:
         """Forward/backward over this step's micro-batches, clip, AdamW step. Returns the step's
-        metrics; a step whose loss or gradient is not finite is skipped (no update)."""
+        metrics. A step whose loss or gradient is not finite, or that holds no loss units on
+        any rank, is skipped (no update); so is an fp16 step whose gradients overflowed."""
         model, opt = self.train_model, self.optimizer
         accum = accum_steps_at(self.step, self.tcfg.grad_accum_steps, self.tcfg.batch_ramp_interval)
         lr = lr_at(self.step, self.tcfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        micro_batches = self.train_loader.next_step(accum)
+        batches = [self._to_device(b) for b in self.train_loader.next_step(accum)]
+        units = torch.stack([self.loss_fn.units(b) for b in batches]).sum().double()
+        units_total = all_reduce_sum(units).item()
         model.train()
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        n_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        tokens = 0
-        for i, batch in enumerate(micro_batches):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            tokens += batch["input_ids"].numel()
-            with (
-                no_sync(model, skip=i < len(micro_batches) - 1),
-                autocast_context(self.precision, self.device),
-            ):
-                loss, metrics = self.loss_fn(model, batch)
-                n = metrics["n"]
-                self.scaler.scale(loss * n).backward()
-            loss_sum += loss.detach().double() * n
-            n_sum += n
-        loss_value, n_total = _mean_over_ranks(loss_sum, n_sum)
-        grad_scale = self.dist.world_size / max(n_total, 1.0)  # DDP averaged over ranks
+
+        def backward(loss: torch.Tensor) -> None:  # DDP averages over ranks: undo that
+            self.scaler.scale(loss * self.dist.world_size).backward()
+
+        sums = self._run_batches(self.loss_fn, model, batches, backward, max(units_total, 1.0))
+        totals = _reduce_over_ranks(sums)
+        row: dict[str, Any] = {"step": self.step + 1, "lr": lr}
+        row |= _per_unit(totals)
         self.scaler.unscale_(opt)
-        grads = [p.grad for p in self.params if p.grad is not None]
-        torch._foreach_mul_(grads, grad_scale)
         max_norm = self.tcfg.grad_clip if self.tcfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm).item()
-        finite = math.isfinite(loss_value) and (
-            math.isfinite(grad_norm) or self.precision == "fp16"
+        row["grad_norm"] = grad_norm
+        finite = math.isfinite(row["loss"]) and (
+            math.isfinite(grad_norm) or self.precision == "fp16"  # the scaler skips those
         )
-        if finite:
-            self.scaler.step(opt)
-            self.bad_steps = 0
-        else:
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        if units_total == 0:
+            row["skipped"] = "no loss units in this step's batches"
+            del row["loss"]
+        elif not finite:
+            row["skipped"] = "non-finite loss or gradient"
             self.bad_steps += 1
+        else:
+            self.scaler.step(opt)  # with fp16, skips the update if gradients overflowed
+            self.bad_steps = 0
         self.scaler.update()
+        if scale_before is not None and self.scaler.get_scale() < scale_before:
+            row.setdefault("skipped", "fp16 gradients overflowed")
+            row["loss_scale"] = self.scaler.get_scale()
         opt.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens += tokens * self.dist.world_size
-        row = {
-            "step": self.step,
-            "tokens": self.tokens,
-            "loss": loss_value,
-            "lr": lr,
-            "grad_norm": grad_norm,
-        }
+        self.tokens += int(totals["tokens"])
+        row["tokens"] = self.tokens
         if accum != self.tcfg.grad_accum_steps or self.tcfg.batch_ramp_interval:
             row["accum"] = accum
-        if not finite:
-            row["skipped"] = True
         return row
+
+    def _run_batches(
+        self,
+        loss_fn: LossFn,
+        model: nn.Module,
+        batches: Iterable[Batch],
+        backward: Callable[[torch.Tensor], None] | None = None,
+        units_total: float = 1.0,
+    ) -> dict[str, torch.Tensor]:
+        """Forward each batch under autocast; with `backward` (training), back-propagate its
+        loss sum / units_total under DDP's no_sync except on the last batch, so gradients are
+        all-reduced once. Returns this rank's summed loss, units and metrics (float64)."""
+        sums: dict[str, torch.Tensor] = {}
+        batches = list(batches) if backward is not None else batches
+        for i, batch in enumerate(batches):
+            with no_sync(model, skip=backward is not None and i < len(batches) - 1):
+                with autocast_context(self.precision, self.device):
+                    loss_sum, metrics = loss_fn(model, batch)
+                if backward is not None:
+                    backward(loss_sum / units_total)
+            values = {"loss": loss_sum.detach(), "units": loss_fn.units(batch), **metrics}
+            for key, value in values.items():
+                value = torch.as_tensor(value, dtype=torch.float64, device=self.device)
+                sums[key] = sums[key] + value if key in sums else value
+        return sums
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Mean loss over the validation batches (all ranks), perplexity and bits per byte."""
+        """Per-unit mean loss (and metrics) over the validation batches of all ranks,
+        perplexity and bits per byte."""
         self.model.eval()
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        n_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        for batch in self.val_batches():
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            with autocast_context(self.precision, self.device):
-                loss, metrics = self.eval_loss_fn(self.model, batch)
-            loss_sum += loss.double() * metrics["n"]
-            n_sum += metrics["n"]
-        val_loss, _ = _mean_over_ranks(loss_sum, n_sum)
-        row = {
-            "step": self.step,
-            "tokens": self.tokens,
-            "val_loss": val_loss,
-            "val_ppl": math.exp(min(val_loss, 50.0)),
-        }
+        batches = (self._to_device(b) for b in self.val_batches())
+        totals = _reduce_over_ranks(self._run_batches(self.eval_loss_fn, self.model, batches))
+        row: dict[str, Any] = {"step": self.step, "tokens": self.tokens}
+        row |= _per_unit(totals, prefix="val_")
+        row["val_ppl"] = math.exp(min(row["val_loss"], 50.0))
         if self.bytes_per_token:
-            row["val_bpb"] = val_loss / math.log(2) / self.bytes_per_token
+            row["val_bpb"] = row["val_loss"] / math.log(2) / self.bytes_per_token
         return row
 
     # ---------------------------------------------------------------- checkpoints
@@ -217,6 +217,7 @@ class Trainer:
             "data": self.train_loader.state_dict(),
             "rng_cpu": torch.get_rng_state(),
             "world_size": self.dist.world_size,
+            "precision": self.precision,
         }
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
@@ -252,6 +253,14 @@ class Trainer:
                 f"{folder} has no {ckpt.TRAINER_STATE}; it can be loaded but not resumed"
             )
         state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if (
+            self.tcfg.precision == "auto"
+            and state.get("precision", self.precision) != self.precision
+        ):
+            # keep the precision 'auto' chose when the run started: a resumed run goes on
+            # exactly as it began, whatever a new probe of this machine would say
+            self.precision = state["precision"]
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.train_loader.load_state_dict(state["data"])
@@ -265,12 +274,22 @@ class Trainer:
             torch.manual_seed(self.tcfg.seed + 1000 * self.dist.rank + self.step)
 
     # ---------------------------------------------------------------- the loop
-    def _install_signal_handlers(self) -> None:
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """SIGINT/SIGTERM ask the loop to stop after this step, with an eval and a checkpoint;
+        a second one stops at once. Returns the handlers to restore after fit() (only the
+        main thread can set handlers; elsewhere none are installed)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
         def handler(signum, frame):
+            if self._stop_signal:  # asked twice: stop now
+                raise KeyboardInterrupt
             self._stop_signal = signal.Signals(signum).name
 
+        previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, handler)
+            previous[sig] = signal.signal(sig, handler)
+        return previous
 
     def _should_stop(self, start: float) -> str | None:
         """Why to stop now (agreed by all ranks), or None."""
@@ -291,8 +310,10 @@ class Trainer:
         self.logger = MetricsLogger(self.run_dir, cfg.run, to_dict(cfg), enabled=main)
         if main:
             save_config(cfg, self.run_dir / "config.yaml")
-        self._install_signal_handlers()
-        peak = device_peak_flops(self.device, self.precision)
+        previous_handlers = self._install_signal_handlers()
+        self._stop_signal = None
+        peak = self.cfg.run.peak_tflops * 1e12 if self.cfg.run.peak_tflops else None
+        peak = peak or device_peak_flops(self.device, self.precision)
         seq_len = getattr(getattr(self.model, "config", None), "block_size", None)
         bar = tqdm(
             total=t.max_steps,
@@ -306,18 +327,19 @@ class Trainer:
         start = time.perf_counter()
         stop_reason = None
         try:
+            if self.step == 0 and self.val_batches is not None:  # the baseline
+                last_eval = self._eval_and_track(start)
             while self.step < t.max_steps:
                 t0, tokens_before = time.perf_counter(), self.tokens
                 row = self.train_step()
                 row["tokens_per_s"] = (self.tokens - tokens_before) / (time.perf_counter() - t0)
                 row["elapsed_s"] = time.perf_counter() - start
-                if hasattr(self.model, "estimate_mfu"):
-                    row["mfu"] = self.model.estimate_mfu(row["tokens_per_s"], peak, seq_len)
+                if hasattr(self.model, "estimate_mfu"):  # tokens/s of all ranks over all devices
+                    per_device = row["tokens_per_s"] / self.dist.world_size
+                    row["mfu"] = self.model.estimate_mfu(per_device, peak, seq_len)
                 last_train = row
                 if row.get("skipped"):
-                    self._log(
-                        row, force_print=True, note="non-finite loss or gradient: step skipped"
-                    )
+                    self._log(row, force_print=True, note=f"step skipped: {row['skipped']}")
                     if self.bad_steps >= t.max_bad_steps:
                         kept = ckpt.latest_checkpoint(self.run_dir) or "none"
                         raise LmforgeError(
@@ -328,7 +350,7 @@ class Trainer:
                     self._log(row)
                 bar.update(1)
                 bar.set_postfix(
-                    loss=f"{row['loss']:.4f}",
+                    loss=f"{row.get('loss', math.nan):.4f}",
                     lr=f"{row['lr']:.2e}",
                     tok_s=f"{row['tokens_per_s']:.0f}",
                     mfu=f"{row.get('mfu', 0):.1%}",
@@ -344,6 +366,8 @@ class Trainer:
         finally:
             bar.close()
             self.logger.close()
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
         if stop_reason and main:
             print(
                 f"stopped early ({stop_reason}) at step {self.step}; resume with --resume={self.run_dir}",
@@ -354,7 +378,7 @@ class Trainer:
     def _eval_and_track(self, start: float) -> dict[str, Any]:
         row = self.evaluate()
         row["elapsed_s"] = time.perf_counter() - start
-        if row["val_loss"] < self.best_val:
+        if self.step > 0 and row["val_loss"] < self.best_val:  # step 0 has no checkpoint
             self.best_val, self.best_step = row["val_loss"], self.step
         self._log(row, force_print=True)
         return row

@@ -1,0 +1,43 @@
+"""`lmforge train`: pretraining from the config tree (no arguments: the default Shakespeare job)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lmforge.cli.options import add_config_options, config_overrides
+from lmforge.common import LmforgeError
+from lmforge.config import build_config, describe_keys
+from lmforge.recipes.pretrain import train
+from lmforge.train import checkpoint as ckpt
+
+DEFAULT_JOB = {"train": {"max_minutes": 5.0}}
+"""`lmforge train` with no arguments: the config tree's defaults (the Shakespeare job), and a
+time limit that no other run has unless it asks for one."""
+
+
+def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument("--config", metavar="FILE.yaml", help="a YAML recipe (see configs/)")
+    parser.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a run exactly where it stopped"
+    )
+    add_config_options(parser, describe_keys())
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = config_overrides(args)
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file() or ckpt.latest_checkpoint(run_dir) is None:
+            raise LmforgeError(
+                f"--resume={run_dir}: not an lmforge run folder with a checkpoint "
+                "(expected config.yaml and checkpoints/latest)"
+            )
+        cfg = build_config(run_dir / "config.yaml", overrides=overrides)
+        train(cfg, resume=run_dir)
+    else:
+        default_job = not args.config and not overrides
+        layers = [args.config] if args.config else [DEFAULT_JOB] if default_job else []
+        cfg = build_config(*layers, overrides=overrides)
+        train(cfg)
+    return 0

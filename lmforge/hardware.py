@@ -1,0 +1,126 @@
+"""What the machine can do: device choice, precision choice, matmul settings, peak FLOP/s.
+
+Probes here never touch the global random generators (they use a private torch.Generator):
+a run that resumes in a new process must see exactly the RNG stream it saved.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+
+# Dense peak FLOP/s of common accelerators, for MFU (bf16 tensor-core figures, no sparsity;
+# TF32, which fp32 matmuls use once enable_tf32 has run, is half of it on these parts).
+_GPU_PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local)
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_precision(requested: str, device: torch.device) -> str:
+    """'auto' -> bf16 on GPUs that support it, fp16 on older GPUs; on a CPU, bf16 autocast
+    where the CPU has native bf16 matmuls (AVX512-BF16 or AMX) and they measure faster than
+    fp32, else fp32 (without native support bf16 matmuls are many times slower)."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and cpu_has_native_bf16() and cpu_bf16_speedup() >= 1.2:
+        return "bf16"
+    return "fp32"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags Linux reports (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_native_bf16() -> bool:
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+@functools.cache
+def cpu_bf16_speedup(n: int = 512, reps: int = 8) -> float:
+    """fp32 time / bf16 time of an n x n matmul on this CPU (> 1: bf16 is faster)."""
+    times = {
+        dtype: _matmul_seconds(torch.device("cpu"), dtype, n, reps)
+        for dtype in _DTYPES.values()
+        if dtype != torch.float16
+    }
+    return times[torch.float32] / times[torch.bfloat16]
+
+
+def _matmul_seconds(device: torch.device, dtype: torch.dtype, n: int, reps: int) -> float:
+    """Seconds per n x n matmul (best of three rounds of `reps`), on private random data."""
+    gen = torch.Generator(device).manual_seed(0)
+    a = torch.randn(n, n, generator=gen, device=device).to(dtype)
+    b = torch.randn(n, n, generator=gen, device=device).to(dtype)
+    a @ b  # warm up
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
+
+
+def autocast_context(precision: str, device: torch.device):
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
+
+
+def enable_tf32(device: torch.device) -> None:
+    """Let fp32 matmuls and convolutions on CUDA use TF32 tensor cores (what the MFU table
+    assumes for fp32); no effect on other devices."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+@functools.cache
+def device_peak_flops(device: torch.device, precision: str = "fp32") -> float:
+    """Peak FLOP/s of one device, the MFU denominator: a table for known GPUs; on other
+    devices the throughput of a 1024^3 matmul in the run's precision, measured once per
+    process (a practical peak)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in _GPU_PEAK_FLOPS.items():
+            if key in name:
+                return flops if precision != "fp32" else flops / 2
+    n = 1024
+    return 2 * n**3 / _matmul_seconds(device, _DTYPES[precision], n, reps=4)
