@@ -27,6 +27,7 @@ lint: setup
 # Benchmarks print figures (see BENCHMARKS.md). The nanoGPT comparison needs a checkout of
 # karpathy/nanoGPT: make bench NANOGPT=path/to/nanoGPT
 bench: setup
+	$(BIN)/python benchmarks/default_job.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/generation.py
 	$(BIN)/python benchmarks/data_throughput.py

@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from lmforge.common import LmforgeError
 
@@ -60,20 +60,27 @@ def contained(folder: str | Path, name: str, what: str) -> Path:
     return path
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write a file so that readers see the old content or the new, never a part: a temp file
-    in the same folder (same file system, so the rename is atomic), fsync, os.replace."""
+@contextmanager
+def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
+    """Write a file so that readers see the old content or the new, never a part: the body
+    writes to a temp file beside `path` (same file system, so the rename is atomic), which is
+    fsynced and renamed to `path` on success and removed on any error."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -250,7 +250,7 @@ def test_redirects_to_other_schemes_are_refused(server):
 
 
 def test_blocked_ip_classes():
-    from lmforge.data.collect import _blocked_ip
+    from lmforge.data.fetch import _blocked_ip
 
     blocked = ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0"]
     blocked += ["224.0.0.1", "240.0.0.1", "100.100.100.200", "::1", "::", "fe80::1%eth0"]

@@ -353,6 +353,23 @@ def test_sigterm_then_resume_in_a_new_process_is_bitwise_equal(text_file, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_fp32_matmuls_use_tf32_on_cuda():
+    from lmforge.hardware import enable_tf32
+
+    flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    before = [f.allow_tf32 for f in flags]
+    try:
+        for f in flags:
+            f.allow_tf32 = False
+        enable_tf32(torch.device("cpu"))
+        assert not any(f.allow_tf32 for f in flags)
+        enable_tf32(torch.device("cuda", 0))  # only sets flags: runs without a GPU
+        assert all(f.allow_tf32 for f in flags)
+    finally:
+        for f, value in zip(flags, before):
+            f.allow_tf32 = value
+
+
 def test_fit_restores_the_signal_handlers(text_file, tmp_path):
     import signal
 

@@ -95,7 +95,8 @@ def read_documents(path: str, text_field: list[str]) -> list[str]:
     (read strictly: binary or non-UTF-8 content is an error); a folder, or a json / jsonl /
     parquet / csv / html file (optionally .gz/.zst), is read as `lmforge prepare` reads a
     source, taking `text_field` from records."""
-    from lmforge.data.collect import HTML, CollectStats, SourceConfig, iter_documents
+    from lmforge.config import SourceConfig
+    from lmforge.data.collect import HTML, CollectStats, iter_documents
 
     p = Path(path) if path else bundled_text_path()
     if not p.exists():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from lmforge.common import LmforgeError
-from lmforge.fileio import write_json  # noqa: F401 (also imported from here by callers)
+from lmforge.fileio import atomic_open
 from lmforge.tokenizer import Tokenizer, load_tokenizer, tokenizer_hash
 
 MANIFEST = "manifest.json"
@@ -57,8 +57,8 @@ class ShardWriter:
     def _open(self) -> None:
         name = f"{self.split}_{len(self.shards):04d}.bin"
         self._path = self.folder / name
-        self._tmp = self.folder / f".{name}.tmp"
-        self._file = open(self._tmp, "wb")  # noqa: SIM115 (closed by _finish())
+        self._writing = ExitStack()  # the shard's atomic_open, closed by _finish()
+        self._file = self._writing.enter_context(atomic_open(self._path))
         self._sha = hashlib.sha256()
         self._tokens = self._docs = 0
 
@@ -71,11 +71,8 @@ class ShardWriter:
 
     def _finish(self) -> None:
         self._flush()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        self._writing.close()  # fsync, then rename into place
         self._file = None
-        os.replace(self._tmp, self._path)
         self.shards.append(
             {
                 "file": self._path.name,
