@@ -19,8 +19,9 @@ import sysconfig
 import time
 from pathlib import Path
 
-from lmforge.data.clean import CleanConfig, Cleaner
-from lmforge.data.dedup import DedupConfig, Deduplicator
+from lmforge.config import CleanConfig, DedupConfig
+from lmforge.data.clean import Cleaner
+from lmforge.data.dedup import Deduplicator
 from lmforge.tokenizer import SPECIAL_TOKENS, train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
