@@ -4,15 +4,25 @@ The engine knows no tokenizer: prompts are lists of token ids and so are the res
 of different lengths are left-padded and masked, so every row's next token comes right after
 its own last prompt token and each row generates what it would alone.
 
-`use_cache=False` is the simple reference path (nanoGPT's generate): a full forward over the
-whole sequence at every step. The cached path is tested against it.
+Generation goes on past the model's context window (block_size), as nanoGPT's crop does: a
+row's context holds at most block_size tokens; when it is full and a new token comes, the
+newest `window` tokens are kept, the new one is appended, and the cache is recomputed for
+them with positions restarting at 0. A prompt longer than block_size is cut from the left
+(with a one-line notice). Each row is cropped when its own context fills, so a batch row
+generates what it would alone. With window = block_size - 1 every token is predicted from
+the last block_size tokens: exactly nanoGPT's crop-and-recompute; a smaller window
+recomputes less often (every block_size - window tokens) on a shorter context.
 
-Shapes: B batch (prompts), P padded prompt length, L tokens so far (P + generated), V vocab.
+`use_cache=False` is the simple reference path (nanoGPT's generate): a full forward over each
+row's context at every step. The cached path is tested against it.
+
+Shapes: B batch (prompts), P padded context length, V vocab.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +50,10 @@ class SamplingParams:
     """Seeds a private torch.Generator, so results do not depend on (or disturb) global RNG."""
     use_cache: bool = True
     """False: recompute the full forward every step (the reference path)."""
+    window: int | None = None
+    """Tokens of a full context kept when generation goes past block_size (1 to block_size - 1;
+    None = 3/4 of block_size). block_size - 1 equals nanoGPT's crop (a recompute every token);
+    smaller windows recompute less often."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -52,6 +66,8 @@ class SamplingParams:
             raise LmforgeError(f"top_p={self.top_p} must be in (0, 1]")
         if self.repetition_penalty <= 0:
             raise LmforgeError(f"repetition_penalty={self.repetition_penalty} must be > 0")
+        if self.window is not None and self.window < 1:
+            raise LmforgeError(f"window={self.window} must be >= 1")
 
 
 # ---------------------------------------------------------------- sampling (pure functions)
@@ -139,42 +155,81 @@ def seen_tokens(ids: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> torch
 # ---------------------------------------------------------------- the engine
 
 
-class Engine:
-    """Generates from a GPT. `stream` yields tokens step by step; `generate` collects them."""
+def print_notice(message: str) -> None:
+    print(f"lmforge: notice: {message}", file=sys.stderr, flush=True)
 
-    def __init__(self, model: GPT, pad_id: int = 0):
+
+class _Contexts:
+    """What the model sees of each row: left-padded ids and mask over every row's context, and
+    a KV cache holding them (none on the reference path). `prefill` (re)computes everything,
+    `decode` appends one token per row."""
+
+    def __init__(self, model: GPT, pad_id: int, use_cache: bool, max_len: int):
+        self.model, self.pad_id, self.use_cache, self.max_len = model, pad_id, use_cache, max_len
+        self.device = next(model.parameters()).device
+        self.cache: KVCache | None = None  # allocated once, by the first prefill
+        self.mask: torch.Tensor | None = None  # (B, P); None when no row is padded
+
+    @property
+    def full(self) -> bool:
+        """No room for one more token: the next one needs a prefill (and maybe a crop)."""
+        return self.cache is None or self.cache.length >= self.max_len
+
+    def prefill(self, contexts: list[list[int]]) -> torch.Tensor:
+        """Run every row's context -> last-position logits (B, V)."""
+        ids, mask = left_pad(contexts, self.pad_id, self.device)  # (B, P) each
+        self.mask = None if bool(mask.all()) else mask  # no padding: SDPA's causal fast path
+        if self.use_cache:
+            if self.cache is None:
+                dtype = next(self.model.parameters()).dtype
+                self.cache = KVCache(
+                    self.model.config, len(contexts), self.max_len, self.device, dtype
+                )
+            self.cache.length = 0  # positions restart: the cache is recomputed from here
+        return self._forward(ids)
+
+    def decode(self, token: torch.Tensor) -> torch.Tensor:
+        """Append token (B,) to every row -> logits (B, V) for the next position."""
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        return self._forward(token[:, None])
+
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+        logits = self.model(ids, attention_mask=self.mask, kv_cache=self.cache, logits_to_keep=1)
+        return logits[:, -1]  # (B, V)
+
+
+class Engine:
+    """Generates from a GPT. `stream` yields tokens step by step; `generate` collects them.
+    `notice` receives one-line notices (a prompt cut to fit the context), stderr by default."""
+
+    def __init__(self, model: GPT, pad_id: int = 0, notice: Callable[[str], None] = print_notice):
         self.model = model
         self.pad_id = pad_id  # fills left padding and finished rows; always masked or ignored
+        self.notice = notice
 
-    def _check_length(self, prompt_len: int, max_new_tokens: int) -> None:
+    def window(self, params: SamplingParams) -> int:
+        """Tokens of a full context kept when generation runs past it."""
         block = self.model.config.block_size
-        if prompt_len + max_new_tokens > block:
+        window = params.window if params.window is not None else max(1, 3 * block // 4)
+        if not 1 <= window < block:
             raise LmforgeError(
-                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                f"model's block_size ({block}); shorten the prompt or generate fewer tokens"
+                f"window={window} must be between 1 and the model's block_size - 1 ({block - 1})"
             )
+        return window
 
-    def _next_logits_fn(self, ids: torch.Tensor, mask: torch.Tensor, use_cache: bool, max_len: int):
-        """A step function (ids (B, L), mask (B, L)) -> last-position logits (B, V).
-        Cached: the first call prefills the prompt, later calls feed only the newest token.
-        Uncached: every call runs the full sequence (the reference)."""
-        padded = not bool(mask.all())  # without padding, no mask: SDPA's causal fast path
-
-        def full(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            mask = mask if padded else None
-            return self.model(ids, attention_mask=mask, logits_to_keep=1)[:, -1]  # (B, V)
-
-        if not use_cache:
-            return full
-        dtype = next(self.model.parameters()).dtype
-        cache = KVCache(self.model.config, ids.size(0), max_len, ids.device, dtype)
-
-        def cached(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            new = ids[:, cache.length :]  # (B, P) at prefill, (B, 1) when decoding
-            mask = mask if padded else None
-            return self.model(new, attention_mask=mask, kv_cache=cache, logits_to_keep=1)[:, -1]
-
-        return cached
+    def _fit_prompt(self, prompt: list[int]) -> list[int]:
+        """A prompt cut from the left to the context window, with a notice when it is."""
+        if not prompt:
+            raise LmforgeError("every prompt needs at least one token")
+        block = self.model.config.block_size
+        if len(prompt) > block:
+            self.notice(
+                f"the prompt has {len(prompt)} tokens, more than the model's context of "
+                f"{block}: its first {len(prompt) - block} tokens were dropped"
+            )
+            return list(prompt[-block:])
+        return list(prompt)
 
     @torch.inference_mode()
     def stream(
@@ -184,40 +239,49 @@ class Engine:
         finished (it sampled a stop id, at this step or earlier). Stops when every row has
         finished or after max_new_tokens steps. The model is run in eval mode and its mode is
         restored afterwards."""
+        if not prompts:
+            raise LmforgeError("every prompt needs at least one token")
+        block, window = self.model.config.block_size, self.window(params)
+        contexts = [self._fit_prompt(p) for p in prompts]
         device = next(self.model.parameters()).device
-        ids, mask = left_pad(prompts, self.pad_id, device)  # (B, P) each
-        self._check_length(ids.size(1), params.max_new_tokens)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device).manual_seed(params.seed)
         stop = torch.tensor(params.stop_ids, dtype=torch.long, device=device)
-        seen = (
-            seen_tokens(ids, mask, self.model.config.vocab_size)
-            if params.repetition_penalty != 1
-            else None
+        seen = None  # (B, V): every token of each row so far, the whole prompt included
+        if params.repetition_penalty != 1:
+            seen = seen_tokens(
+                *left_pad(prompts, self.pad_id, device), self.model.config.vocab_size
+            )
+        longest = max(len(c) for c in contexts)
+        model_view = _Contexts(
+            self.model, self.pad_id, params.use_cache, min(block, longest + params.max_new_tokens)
         )
-        next_logits = self._next_logits_fn(
-            ids, mask, params.use_cache, ids.size(1) + params.max_new_tokens
-        )
-        done = torch.zeros(ids.size(0), dtype=torch.bool, device=device)  # (B,)
+        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # (B,)
 
         was_training = self.model.training
         self.model.eval()
         try:
-            for _ in range(params.max_new_tokens):
-                logits = next_logits(ids, mask)  # (B, V)
+            logits = model_view.prefill(contexts)  # (B, V)
+            for step in range(params.max_new_tokens):
                 token = sample_next(logits, params, seen, generator)  # (B,)
                 done = done | torch.isin(token, stop)
                 token = token.masked_fill(done, self.pad_id)
                 yield [None if d else t for t, d in zip(token.tolist(), done.tolist())]
-                if done.all():
+                if done.all() or step == params.max_new_tokens - 1:
                     return
-                ids = torch.cat([ids, token[:, None]], dim=1)  # (B, L + 1)
-                mask = torch.cat(
-                    [mask, torch.ones_like(mask[:, :1])], dim=1
-                )  # finished rows: ignored
                 if seen is not None:
                     seen[torch.arange(len(token)), token] |= ~done
+                for row, (t, finished) in enumerate(zip(token.tolist(), done.tolist())):
+                    if finished:  # its context stays as it was; its outputs are ignored
+                        continue
+                    if model_view.full and len(contexts[row]) >= block:
+                        contexts[row] = contexts[row][-window:]
+                    contexts[row].append(t)
+                if model_view.full:
+                    logits = model_view.prefill(contexts)
+                else:
+                    logits = model_view.decode(token)
         finally:
             self.model.train(was_training)
 

@@ -118,14 +118,64 @@ def test_generation_stops_when_every_row_has_stopped():
     assert list(engine.stream([PROMPTS[0]], params)) == [[None]]
 
 
-def test_prompt_plus_new_tokens_beyond_block_size_is_a_clear_error():
-    engine = make_engine()  # block_size 32
-    with pytest.raises(
-        LmforgeError,
-        match=r"prompt \(7 tokens\) \+ max_new_tokens \(26\) exceeds .*block_size \(32\)",
-    ):
-        engine.generate(PROMPTS, SamplingParams(max_new_tokens=26))
-    assert len(engine.generate(PROMPTS, SamplingParams(max_new_tokens=25))[0]) == 25
+def crop_and_recompute(model: GPT, prompt: list[int], n: int) -> list[int]:
+    """nanoGPT's generate: every next token from a full forward over the last block_size
+    tokens (positions restarting at 0), no cache."""
+    block, ids = model.config.block_size, list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids[-block:]]))[0, -1]
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("variant", ["learned", "rope_gqa"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_past_the_window_greedy_equals_crop_and_recompute(variant, use_cache):
+    engine = make_engine(**VARIANTS[variant])  # block_size 32
+    params = SamplingParams(max_new_tokens=400, temperature=0, window=31, use_cache=use_cache)
+    out = engine.generate([PROMPTS[0]], params)[0]
+    assert len(out) == 400
+    assert out == crop_and_recompute(engine.model, PROMPTS[0], 400)
+
+
+@pytest.mark.parametrize("window", [None, 8, 31])
+def test_past_the_window_batch_rows_equal_their_solo_runs(window):
+    engine = make_engine(**VARIANTS["rope_gqa"])
+    params = SamplingParams(max_new_tokens=90, temperature=0, window=window)
+    prompts = [
+        *PROMPTS,
+        list(range(1, 31)),
+    ]  # lengths 7, 2, 4 and 30: windows fill at different steps
+    batched = engine.generate(prompts, params)
+    assert batched == [engine.generate([p], params)[0] for p in prompts]
+    assert batched == engine.generate(prompts, without_cache(params))
+
+
+def test_a_prompt_longer_than_the_context_is_cut_from_the_left_with_a_notice():
+    notices = []
+    engine = make_engine()
+    engine.notice = notices.append
+    long_prompt = [(7 * i) % V for i in range(50)]
+    out = engine.generate([long_prompt], GREEDY)[0]
+    assert notices == [
+        "the prompt has 50 tokens, more than the model's context of 32: "
+        "its first 18 tokens were dropped"
+    ]
+    assert out == engine.generate([long_prompt[-32:]], GREEDY)[0]
+    assert len(notices) == 1  # the cut prompt itself fits
+
+
+@pytest.mark.parametrize("window", [0, -3])
+def test_a_window_below_1_is_a_user_error(window):
+    with pytest.raises(LmforgeError, match="window"):
+        SamplingParams(window=window)
+
+
+@pytest.mark.parametrize("window", [32, 33])
+def test_a_window_not_below_block_size_is_a_user_error(window):
+    with pytest.raises(LmforgeError, match=r"between 1 and the model's block_size - 1 \(31\)"):
+        make_engine().generate(PROMPTS, SamplingParams(window=window))
 
 
 def test_generate_restores_train_mode():
@@ -271,3 +321,18 @@ def test_cli_bad_checkpoint_is_one_line_and_nonzero(tmp_path, capsys, make, mess
     assert rc != 0
     assert len(err.strip().splitlines()) == 1 and message in err, err
     assert out == ""
+
+
+def test_cli_generates_past_the_context_and_notes_a_cut_prompt(tmp_path, capsys):
+    save_tiny_checkpoint(tmp_path / "ckpt")
+    prompt = "to be or not to be, hello world, to be or not to b"  # 50 chars, block 32
+    args = ["--checkpoint", str(tmp_path / "ckpt"), "--prompt", prompt, "--device", "cpu"]
+    rc, out, err = run_cli(capsys, *args, "--max-new-tokens", "100", "--seed", "1")
+    assert rc == 0, err
+    assert len(out) == len(prompt) + 100 + 1
+    assert err.strip() == (
+        "lmforge: notice: the prompt has 50 tokens, more than the model's context of 32: "
+        "its first 18 tokens were dropped"
+    )
+    rc, out, err = run_cli(capsys, *args, "--window", "40")
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and "window=40" in err

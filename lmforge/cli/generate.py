@@ -24,8 +24,15 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument(
         "--max-new-tokens",
         type=int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        help="tokens to generate (any number: past the context window, the oldest are dropped)",
+    )
+    parser.add_argument(
+        "--window",
+        type=int,
         default=None,
-        help=f"tokens to generate; default: up to {DEFAULT_MAX_NEW_TOKENS}, as the context allows",
+        help="tokens of a full context kept when generation goes past the model's block_size "
+        "(1 to block_size - 1; default 3/4 of block_size; block_size - 1 = nanoGPT's crop)",
     )
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     parser.add_argument(
@@ -86,23 +93,18 @@ def run(args: argparse.Namespace) -> int:
         raise LmforgeError(f"{folder} has no tokenizer/ folder, so --prompt cannot be encoded")
     cfg = model.config
     prompt = encode_prompt(tokenizer, args.prompt, cfg.vocab_size)
-    max_new = args.max_new_tokens
-    if max_new is None:
-        max_new = min(DEFAULT_MAX_NEW_TOKENS, cfg.block_size - len(prompt))
-        if max_new < 1:
-            raise LmforgeError(
-                f"the prompt ({len(prompt)} tokens) fills the block_size ({cfg.block_size})"
-            )
     params = SamplingParams(
-        max_new_tokens=max_new,
+        max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k or None,
         top_p=args.top_p,
         repetition_penalty=args.repetition_penalty,
         stop_ids=tokenizer.stop_ids,  # end-of-text, plus e.g. Llama 3's <|eot_id|>
         seed=args.seed,
+        window=args.window,
     )
     engine = Engine(model)
+    engine.window(params)  # a bad --window fails before anything is printed
     print(args.prompt, end="", flush=True)
     if args.stream:
         tokens = (step[0] for step in engine.stream([prompt], params) if step[0] is not None)

@@ -128,9 +128,8 @@ def _report(cfg: Config, model: GPT, tokenizer, run_dir: Path, result: dict[str,
 
     if cfg.run.sample_tokens > 0:
         prompt = tokenizer.encode("\n") if tokenizer.kind != "hf" else [tokenizer.eot_id or 0]
-        max_new = min(cfg.run.sample_tokens, cfg.model.block_size - len(prompt))
         params = SamplingParams(
-            max_new_tokens=max_new, temperature=0.8, top_k=200, seed=cfg.train.seed
+            max_new_tokens=cfg.run.sample_tokens, temperature=0.8, top_k=200, seed=cfg.train.seed
         )
         ids = Engine(model.eval()).generate([prompt], params)[0]
         print0("\n--- sample ---\n" + tokenizer.decode(ids) + "\n--------------")
