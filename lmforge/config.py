@@ -138,14 +138,18 @@ class DataConfig:
     """Last fraction of the text (by position) held out for validation, as nanoGPT does."""
     text_field: list[str] = field(default_factory=lambda: ["text"])
     """json/jsonl/parquet/csv data: the record fields joined into a document's text."""
+    val_path: str = ""
+    """Post-training: a file of validation records; empty = the last val_fraction of data.path."""
     sampling: str = "random"
-    """random: windows at random offsets (nanoGPT); packed: each block-size window of the
-    token stream once per epoch, in a seeded order."""
+    """Pretraining: random (windows at random offsets, as nanoGPT) or packed (each block-size
+    window of the token stream once per epoch, in a seeded order). Post-training: bucketed
+    (examples of similar length padded together; the default there) or packed (examples end
+    to end in block-size windows, each attending only to itself)."""
     within_document: bool = False
     """packed only: attention and positions restart at each end-of-text token."""
 
     def __post_init__(self) -> None:
-        _check_choice("data.sampling", self.sampling, ("random", "packed"))
+        _check_choice("data.sampling", self.sampling, ("random", "packed", "bucketed"))
         if self.within_document and self.sampling != "packed":
             raise LmforgeError("data.within_document needs data.sampling=packed")
         if not 0 < self.val_fraction < 1:
@@ -198,7 +202,13 @@ class TrainConfig:
     eval_interval: int = 250
     """Steps between evaluations on the validation split."""
     eval_steps: int = 20
-    """Validation batches per evaluation (the same batches every time)."""
+    """Validation batches per evaluation (the same batches every time; post-training
+    evaluates every held-out example instead)."""
+    eval_generations: int = 32
+    """Post-training: held-out prompts answered greedily at each evaluation (val_end_rate)."""
+    eval_max_new_tokens: int = 96
+    """Post-training: longest answer generated at evaluation; one that has not ended with the
+    end-of-turn token by then counts as not ended."""
     ckpt_interval: int = 500
     """Steps between checkpoints (one is always written at the end)."""
     keep_last: int = 2
@@ -257,6 +267,8 @@ class RunConfig:
     """Log to MLflow as well (needs `pip install mlflow`)."""
     sample_tokens: int = 300
     """Length of the sample printed at the end of training (0: none)."""
+    base: str = ""
+    """Post-training: the checkpoint (or run folder) the run starts from (`--base`)."""
     peak_tflops: float | None = None
     """Peak dense TFLOP/s of one device, the MFU denominator; None = a table of known GPUs,
     else a matmul measured at start-up in the run's precision."""
@@ -266,11 +278,49 @@ class RunConfig:
 
 
 @dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning, applied from outside the model (lmforge/model/peft.py)
+    and usable with every training objective: only the method's parameters train."""
+
+    method: str = "none"
+    """none (every parameter trains), lora, prefix or ptuning."""
+    rank: int = 8
+    """lora: rank r of the update B @ A added to each targeted Linear."""
+    alpha: float = 16.0
+    """lora: the update is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """lora: dropout on the adapter's input."""
+    targets: list[str] = field(default_factory=lambda: ["attn.qkv", "attn.proj"])
+    """lora: Linear layers to adapt, by name pattern (fnmatch on the module name, e.g.
+    'attn.*', '*.mlp.proj'); a pattern without '*' matches names ending with it."""
+    num_virtual_tokens: int = 16
+    """prefix: learned key/value positions per layer; ptuning: learned input embeddings."""
+    encoder_hidden: int = 128
+    """prefix/ptuning: hidden size of the reparametrisation MLP (ptuning: of the prompt encoder)
+    used during training and folded into plain parameters when saved."""
+    encoder: str = "mlp"
+    """ptuning: the prompt encoder, mlp or lstm."""
+
+    def __post_init__(self) -> None:
+        _check_choice("peft.method", self.method, ("none", "lora", "prefix", "ptuning"))
+        _check_choice("peft.encoder", self.encoder, ("mlp", "lstm"))
+        _check_positive("peft.rank", self.rank)
+        _check_positive("peft.alpha", self.alpha)
+        _check_positive("peft.num_virtual_tokens", self.num_virtual_tokens, allow_zero=True)
+        _check_positive("peft.encoder_hidden", self.encoder_hidden)
+        if not 0 <= self.dropout < 1:
+            raise LmforgeError(f"peft.dropout={self.dropout} must be in [0, 1)")
+        if self.method == "lora" and not self.targets:
+            raise LmforgeError("peft.targets is empty: name the Linear layers LoRA adapts")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
 
 
 # ---------------------------------------------------------------- `lmforge prepare`'s tree
@@ -342,7 +392,8 @@ class SourceConfig:
     """How plain-text files become documents: file (one each), blank_lines (paragraphs), lines."""
     chunk_bytes: int = 65536
     """If > 0, plain-text documents are cut at line ends into pieces of about this size (a
-    book becomes many documents, so the train/val split by document works; 0 = never cut)."""
+    book becomes many documents, which the mixture can sample and dedup can compare; 0 =
+    never cut)."""
     on_invalid_utf8: str = "replace"
     """replace (U+FFFD, counted) or skip (the document is dropped, counted)."""
     clean: CleanConfig | None = None
@@ -422,7 +473,12 @@ class PrepareSettings:
     tokenizer_sample_bytes: int = 500_000_000
     """At most this much text (drawn round-robin from the sources) trains the tokenizer."""
     val_fraction: float = 0.05
-    """Share of each source's documents held out for validation (at least one per source)."""
+    """Share of each source's text held out for validation, 0 to 0.5, in UTF-8 bytes (decided
+    before the tokenizer exists): whole documents when they reach it within about a point,
+    else the rest is the tail of one document."""
+    min_split_tokens: int = 1025
+    """A split with fewer tokens is warned about: training needs block_size + 1 tokens per
+    split (1025 for a 1024-token model)."""
     seed: int = 1337
     """Fixes the validation split and the mixture's sampling."""
     total_tokens: int = 0
@@ -433,12 +489,15 @@ class PrepareSettings:
     """Processes for cleaning and MinHash; 0 = all cores."""
 
     def __post_init__(self) -> None:
-        if not 0 <= self.val_fraction < 1:
-            raise LmforgeError(f"prepare.val_fraction={self.val_fraction} must be in [0, 1)")
+        if not 0 <= self.val_fraction <= 0.5:
+            raise LmforgeError(
+                f"prepare.val_fraction={self.val_fraction} must be in [0, 0.5] (--val-fraction)"
+            )
         _check_positive("prepare.tokenizer_sample_bytes", self.tokenizer_sample_bytes)
         _check_positive("prepare.tokens_per_shard", self.tokens_per_shard)
         _check_positive("prepare.total_tokens", self.total_tokens, allow_zero=True)
         _check_positive("prepare.workers", self.workers, allow_zero=True)
+        _check_positive("prepare.min_split_tokens", self.min_split_tokens, allow_zero=True)
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """`lmforge prepare` end to end on the bundled data: shards + manifest contract, mixture,
-split by document, stage reuse, interruption safety, and bad input as one clear line."""
+the validation split by size, stage reuse, interruption safety, and bad input as one clear
+line."""
 
 from __future__ import annotations
 
@@ -17,11 +18,17 @@ from lmforge.cli.prepare import source_name
 from lmforge.common import LmforgeError
 from lmforge.config import CleanConfig, build_prepare_config
 from lmforge.data import stage_docs
+from lmforge.data.clean import normalize
 from lmforge.data.prepare import prepare
 from lmforge.data.shards import ShardWriter, is_prepared, read_prepared, token_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "prepare_shakespeare_instructions.yaml"
+SHAKESPEARE = (ROOT / "lmforge" / "assets" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+# cleaning rules off that would drop verse or short documents: every document is kept
+LOOSE = ["--clean.min_words=1", "--clean.min_mean_word_length=0",
+         "--clean.min_alpha_word_fraction=0", "--clean.max_dup_line_fraction=1",
+         "--clean.max_top_ngram_fraction={}", "--clean.max_dup_ngram_fraction={}"]  # fmt: skip
 
 
 def small_config(**kw):
@@ -74,10 +81,15 @@ def test_mixture_realises_the_weights_and_val_is_split_by_document(prepared):
     train_docs = set(_docs(np.asarray(ds.train[0]), ds.eot_id))
     val_docs = set(_docs(np.asarray(ds.val[0]), ds.eot_id))
     assert val_docs and not (val_docs & train_docs)
+    val = report["val_split"]  # ~4 KB pieces and short records: whole documents, no cut
+    assert val["asked"] == 0.05 and val["documents_cut"] == 0 and not report["warnings"]
+    assert val["realised"] == pytest.approx(0.05, abs=0.01)
+    assert all(v["realised"] == pytest.approx(0.05, abs=0.01) for v in val["sources"].values())
     s = report["sources"]["shakespeare"]
     assert s["documents_in"] == s["documents_out"] + sum(s["dropped"].values())
     assert report["bytes_per_token"] > 1.5 and set(report["seconds"]) == {
         "collect_clean_dedup",
+        "split",
         "tokenizer",
         "tokenize",
         "mix_shards",
@@ -283,3 +295,136 @@ def test_atomic_folder_publishes_a_whole_folder_or_nothing(tmp_path):
         (tmp / "b").write_text("3", encoding="utf-8")
     assert [p.name for p in target.iterdir()] == ["b"]  # replaced as a whole
     assert [p.name for p in tmp_path.iterdir()] == ["tokenizer"]  # no temp or old folders left
+
+
+# ---------------------------------------------------------------- the validation split by size
+
+
+def _prepare_cli(capsys, out: Path, *argv) -> tuple[dict, dict, str]:
+    """`lmforge prepare ARGV --out OUT` that must succeed -> (report, manifest, stdout)."""
+    code, io = _cli(capsys, *argv, "--out", out, "--workers", "1", *LOOSE)
+    assert code == 0, io.err
+    return (
+        json.loads((out / "report.json").read_text()),
+        json.loads((out / "manifest.json").read_text()),
+        io.out,
+    )
+
+
+def _texts(out: Path, split: str) -> list[str]:
+    ds = read_prepared(out)
+    arrays = getattr(ds, split)
+    return [ds.tokenizer.decode(list(d)) for a in arrays for d in _docs(np.asarray(a), ds.eot_id)]
+
+
+def _val_share(manifest: dict) -> float:
+    sp = manifest["splits"]
+    return sp["val"]["tokens"] / (sp["train"]["tokens"] + sp["val"]["tokens"])
+
+
+def test_cli_a_single_long_file_is_split_by_position_at_the_fraction(tmp_path, capsys):
+    """A 100 kB play, read as two ~64 KiB pieces (chunk_bytes), had one piece (35-65%) held
+    out by the old rule; now 5% of it: the end of one piece, from a line start, as nanoGPT
+    does, and the piece's head stays in train."""
+    text = SHAKESPEARE[:100_000]
+    (tmp_path / "play.txt").write_text(text, encoding="utf-8")
+    out = tmp_path / "out"
+    report, manifest, printed = _prepare_cli(
+        capsys, out, tmp_path / "play.txt", "--val-fraction", "0.05", "--tokenizer", "train:512"
+    )
+    src = report["sources"]["play"]
+    assert src["documents_in"] == src["documents_out"] == 2  # nothing dropped
+    assert 0.04 <= _val_share(manifest) <= 0.06
+    assert report["val_split"]["realised"] == pytest.approx(_val_share(manifest), abs=0.001)
+    assert report["val_split"]["documents_cut"] == 1
+    assert any(w.startswith("play: ") and "cut inside 1 document" in w for w in report["warnings"])
+    assert "1 document(s) cut by position" in printed and "warning: play: " in printed
+    [tail] = _texts(out, "val")
+    train = _texts(out, "train")
+    [head] = [h for h in train if h + tail in normalize(text)]  # the piece it was cut from
+    assert head.endswith("\n") and not any(tail in t for t in train)
+
+
+def test_cli_many_small_documents_are_split_whole_at_the_fraction(tmp_path, capsys):
+    words = SHAKESPEARE.split()
+    lengths = np.random.default_rng(0).integers(5, 80, size=1000)  # sizes vary 16-fold
+    starts = np.r_[0, np.cumsum(lengths)[:-1]]
+    originals = [" ".join(words[a : a + n]) for a, n in zip(starts, lengths)]
+    with open(tmp_path / "docs.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in originals)
+    out = tmp_path / "out"
+    report, manifest, _ = _prepare_cli(
+        capsys, out, tmp_path / "docs.jsonl", "--val-fraction", "0.1", "--tokenizer", "byte"
+    )
+    val, train = _texts(out, "val"), _texts(out, "train")
+    assert set(val) <= set(originals) and set(train) <= set(originals)  # whole documents
+    assert val and not set(val) & set(train)  # none on both sides
+    assert report["sources"]["docs"]["documents_out"] == len(val) + len(train)
+    assert _val_share(manifest) == pytest.approx(0.1, abs=0.01)
+    assert report["val_split"]["documents_cut"] == 0 and not report["warnings"]
+
+
+def test_cli_one_huge_document_and_many_small_ones(tmp_path, capsys):
+    """Documented behaviour (split_mix.plan_val_split): whole small documents fill the
+    validation budget first, skipping the huge one, which is larger than the budget. When they
+    reach the target within a point (3% here) the huge document stays whole in train; when
+    they fall short by more (10% asked, ~5% in small documents) the rest is the tail of the
+    huge document, its head in train. Either way val is within a point of the fraction."""
+    huge = normalize(SHAKESPEARE[:95_000])  # as cleaning leaves it
+    words = SHAKESPEARE[100_000:].split()
+    small = [" ".join(words[i * 18 : i * 18 + 18]) for i in range(50)]  # ~100 bytes each
+    with open(tmp_path / "mix.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in [huge, *small])
+    for fraction, cut in ((0.03, 0), (0.1, 1)):
+        out = tmp_path / f"out{fraction}"
+        report, manifest, _ = _prepare_cli(
+            capsys, out, tmp_path / "mix.jsonl", "--val-fraction", fraction, "--tokenizer", "byte"
+        )
+        val, train = _texts(out, "val"), _texts(out, "train")
+        assert _val_share(manifest) == pytest.approx(fraction, abs=0.01)
+        assert report["val_split"]["documents_cut"] == cut
+        if cut:
+            assert set(small) <= set(val) and len(val) == len(small) + 1
+            [tail] = set(val) - set(small)
+            [head] = set(train)  # the huge document's head: the only training document
+            assert head + tail == huge
+        else:
+            assert set(val) < set(small) and huge in train
+
+
+def test_cli_val_fraction_zero_gives_no_validation_and_keys_follow_the_split(tmp_path, capsys):
+    (tmp_path / "play.txt").write_text(SHAKESPEARE[:100_000], encoding="utf-8")
+    out = tmp_path / "out"
+
+    def run(*argv):
+        report, manifest, printed = _prepare_cli(
+            capsys, out, tmp_path / "play.txt", "--tokenizer", "byte", *argv
+        )
+        work = {p.name.split("-")[0]: p.name for p in (out / ".work").iterdir()}
+        return report, manifest, printed, work
+
+    report, manifest, printed, work = run("--val-fraction", "0")
+    assert manifest["splits"]["val"]["documents"] == manifest["splits"]["val"]["tokens"] == 0
+    assert report["val_split"]["realised"] == 0 and report["val_split"]["documents_cut"] == 0
+    warning = "the val split has 0 tokens, fewer than prepare.min_split_tokens=1025"
+    assert any(w.startswith(warning) for w in report["warnings"]) and warning in printed
+    report, _, _, again = run("--val-fraction", "0", "--prepare.min_split_tokens=1000000")
+    assert report["reused_shards"] and again == work  # a warning setting: nothing rebuilt
+    assert any(w.startswith("the train split has ") for w in report["warnings"])
+    for argv in (["--val-fraction", "0.05"], ["--val-fraction", "0.05", "--seed", "7"]):
+        report, _, _, new = run(*argv)
+        assert not report["reused_shards"] and new["docs"] == work["docs"]  # docs reused
+        assert new["split"] != work["split"] and new["ids"] != work["ids"]
+        work = new
+
+
+@pytest.mark.parametrize("fraction", ["0.6", "-0.1"])
+def test_cli_val_fraction_out_of_range_is_one_line(tmp_path, capsys, fraction):
+    (tmp_path / "play.txt").write_text(SHAKESPEARE[:10_000], encoding="utf-8")
+    code, io = _cli(
+        capsys, tmp_path / "play.txt", "--out", tmp_path / "o", "--val-fraction", fraction
+    )
+    assert code == 1 and io.err.strip() == (
+        f"lmforge: error: prepare.val_fraction={fraction} must be in [0, 0.5] (--val-fraction)"
+    )
+    assert not (tmp_path / "o").exists()

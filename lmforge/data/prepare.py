@@ -5,9 +5,10 @@ Stages, each cached under `OUT/.work/<stage>-<key>/` (stage_cache.py), so an int
 resumes from the last finished stage:
 
 1. docs       collect -> clean -> dedup across all sources (stage_docs.py)
-2. tokenizer  train a byte-level BPE on the train documents, or load one (stages.py)
-3. ids        tokenise each source's documents (stages.py)
-4. shards     split, mix and write shards + tokenizer into OUT (stages.py); then report.json,
+2. split      each source's documents into train and val by size (stage_split.py)
+3. tokenizer  train a byte-level BPE on the train documents, or load one (stages.py)
+4. ids        tokenise each source's train and val documents (stages.py)
+5. shards     mix and write shards + tokenizer into OUT (stages.py); then report.json,
               and manifest.json last: its presence marks the dataset complete
 """
 
@@ -26,6 +27,7 @@ from lmforge.data.report import build_report, drop_summary
 from lmforge.data.shards import MANIFEST, REPORT
 from lmforge.data.stage_cache import WORK, digest
 from lmforge.data.stage_docs import stage_docs
+from lmforge.data.stage_split import stage_split
 from lmforge.data.stages import stage_ids, stage_shards, stage_tokenizer
 from lmforge.fileio import write_json
 
@@ -65,18 +67,21 @@ def prepare(cfg: PrepareConfig, out: str | Path, force: bool = False) -> dict[st
         raise LmforgeError(f"no documents left after cleaning: {drop_summary(doc_stats, cfg)}")
 
     t = time.perf_counter()
-    tok = stage_tokenizer(cfg, out, docs, doc_stats)
+    split_dir, split_stats = stage_split(cfg, out, docs)
+    times["split"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    tok = stage_tokenizer(cfg, out, split_dir)
     times["tokenizer"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    ids_dir, id_stats = stage_ids(cfg, out, docs, tok)
+    ids_dir, id_stats = stage_ids(cfg, out, split_dir, tok)
     times["tokenize"] = time.perf_counter() - t
 
     p = cfg.prepare
     key = digest(
         [
-            ids_dir.name,
-            p.val_fraction,
+            ids_dir.name,  # its key holds the split folder's: val_fraction and seed
             p.seed,
             p.total_tokens,
             p.tokens_per_shard,
@@ -88,7 +93,7 @@ def prepare(cfg: PrepareConfig, out: str | Path, force: bool = False) -> dict[st
     reused = bool(old and old.get("stage_key") == key and not force)
     manifest = old if reused else stage_shards(cfg, out, ids_dir, tok, key)
     times["mix_shards"] = time.perf_counter() - t
-    report = build_report(cfg, str(out), doc_stats, id_stats, manifest, reused, times)
+    report = build_report(cfg, str(out), doc_stats, split_stats, id_stats, manifest, reused, times)
     write_json(out / REPORT, report)
     if not reused:
         write_json(out / MANIFEST, manifest)  # last: its presence marks the dataset complete

@@ -1,5 +1,6 @@
-"""`lmforge prepare`'s report: what each source gave and lost, dedup, mixture, splits and
-timings, as report.json's dict and as the table printed at the end."""
+"""`lmforge prepare`'s report: what each source gave and lost, dedup, mixture, splits (with the
+validation share realised in tokens) and timings, and warnings, as report.json's dict and as
+the table printed at the end."""
 
 from __future__ import annotations
 
@@ -12,11 +13,22 @@ def build_report(
     cfg: PrepareConfig,
     out: str,
     doc_stats: dict[str, Any],
+    split_stats: dict[str, Any],
     id_stats: dict[str, Any],
     manifest: dict[str, Any],
     reused: bool,
     times: dict[str, float],
 ) -> dict[str, Any]:
+    shares = manifest["val_split"]
+    val_split = {
+        "asked": shares["asked"],
+        "realised": shares["realised"],
+        "documents_cut": sum(split_stats[s.name]["documents_cut"] for s in cfg.sources),
+        "sources": {
+            s.name: {"realised": shares["sources"][s.name], **split_stats[s.name]}
+            for s in cfg.sources
+        },
+    }
     return {
         "out": out,
         "reused_shards": reused,
@@ -27,11 +39,7 @@ def build_report(
             }
             for s in cfg.sources
         },
-        "warnings": {
-            s.name: doc_stats[s.name]["warnings"]
-            for s in cfg.sources
-            if doc_stats[s.name]["warnings"]
-        },
+        "warnings": _warnings(cfg, doc_stats, val_split, manifest),
         "dedup": doc_stats["_dedup"],
         "tokenizer": {**manifest["tokenizer"], "spec": cfg.prepare.tokenizer},
         "bytes_per_token": round(
@@ -44,8 +52,35 @@ def build_report(
             k: {"tokens": v["tokens"], "documents": v["documents"], "shards": len(v["shards"])}
             for k, v in manifest["splits"].items()
         },
+        "val_split": val_split,
         "seconds": {k: round(v, 3) for k, v in times.items()},
     }
+
+
+def _warnings(
+    cfg: PrepareConfig,
+    doc_stats: dict[str, Any],
+    val_split: dict[str, Any],
+    manifest: dict[str, Any],
+) -> list[str]:
+    """One line each: what collecting skipped, validation cut inside a document, and a split
+    too small to train or evaluate on."""
+    out = [f"{s.name}: {w}" for s in cfg.sources for w in doc_stats[s.name]["warnings"]]
+    for name, v in val_split["sources"].items():
+        if v["documents_cut"]:
+            out.append(
+                f"{name}: whole documents could not reach prepare.val_fraction="
+                f"{val_split['asked']}, so the split cut inside {v['documents_cut']} document(s): "
+                "the tail is validation, the head training"
+            )
+    least = cfg.prepare.min_split_tokens
+    for split, info in manifest["splits"].items():
+        if info["tokens"] < least:
+            out.append(
+                f"the {split} split has {info['tokens']} tokens, fewer than "
+                f"prepare.min_split_tokens={least}: training needs block_size + 1 tokens per split"
+            )
+    return out
 
 
 def drop_summary(doc_stats: dict[str, Any], cfg: PrepareConfig) -> str:
@@ -87,5 +122,12 @@ def format_report(report: dict[str, Any]) -> str:
         f"train: {sp['train']['tokens']} tokens in {sp['train']['shards']} shard(s); val: {sp['val']['tokens']} tokens; "
         f"tokenizer {report['tokenizer']['kind']} vocab {report['tokenizer']['vocab_size']}, {report['bytes_per_token']:.2f} bytes/token"
     )
+    vs = report["val_split"]
+    per_source = ", ".join(f"{k} {v['realised']:.1%}" for k, v in vs["sources"].items())
+    lines.append(
+        f"val: {vs['realised']:.1%} of tokens, asked {vs['asked']:.1%} ({per_source}); "
+        f"{vs['documents_cut']} document(s) cut by position"
+    )
     lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items()))
+    lines += [f"warning: {w}" for w in report["warnings"]]
     return "\n".join(lines)

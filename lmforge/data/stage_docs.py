@@ -29,23 +29,26 @@ _BATCH = 256  # documents per worker task
 _worker_state: dict[str, Any] = {}
 
 
-def docs_file(docs: Path, source: str) -> Path:
-    return docs / f"{source}.jsonl.zst"
+def docs_file(folder: Path, source: str, split: str = "") -> Path:
+    """`<source>.jsonl.zst` (this stage), or `<source>.<split>.jsonl.zst` (stage_split.py)."""
+    return folder / f"{source}{'.' + split if split else ''}.jsonl.zst"
 
 
-def read_docs(docs: Path, source: str) -> Iterator[str]:
-    """A source's kept documents from the docs stage folder, in order."""
+def read_docs(folder: Path, source: str, split: str = "") -> Iterator[str]:
+    """A source's documents from a stage folder (this one's, or one side of the split), in order."""
     import zstandard
 
     with (
-        open(docs_file(docs, source), "rb") as raw,
+        open(docs_file(folder, source, split), "rb") as raw,
         zstandard.ZstdDecompressor().stream_reader(raw) as r,
     ):
         for line in io.TextIOWrapper(r, encoding="utf-8"):
             yield json.loads(line)["text"]
 
 
-class _JsonlZstWriter:
+class JsonlZstWriter:
+    """Documents -> a `{"text": ...}` per line, zstd-compressed; counts documents and bytes."""
+
     def __init__(self, path: Path):
         import zstandard
 
@@ -143,7 +146,7 @@ def _clean_and_dedup(cfg: PrepareConfig, folder: Path) -> dict[str, Any]:
     collect = {s.name: CollectStats() for s in cfg.sources}
     drops = {s.name: Counter() for s in cfg.sources}
     pii = Counter()
-    writers = {s.name: _JsonlZstWriter(docs_file(folder, s.name)) for s in cfg.sources}
+    writers = {s.name: JsonlZstWriter(docs_file(folder, s.name)) for s in cfg.sources}
     dedup = Deduplicator(cfg.dedup) if cfg.dedup.exact or cfg.dedup.near else None
     origins: deque = deque()
     workers = cfg.prepare.workers or os.cpu_count() or 1

@@ -1,9 +1,11 @@
-"""Stages 2-4 of `lmforge prepare`, after the documents (stage_docs.py):
+"""Stages 3-5 of `lmforge prepare`, after the documents (stage_docs.py) and their train/val
+split (stage_split.py); each reads one side of the split at a time:
 
-2. tokenizer  train a byte-level BPE on the train documents (`train:VOCAB`) or load one
-3. ids        tokenise each source's documents (uint32 ids + offsets)
-4. shards     train/val split by document, weighted mixture sampled with a seed, shards and
-              the tokenizer folder in OUT; returns the manifest (the driver writes it last)
+3. tokenizer  train a byte-level BPE on the train documents (`train:VOCAB`) or load one
+4. ids        tokenise each source's train and val documents (uint32 ids + offsets)
+5. shards     weighted mixture of the train documents sampled with a seed, every val document
+              once; shards and the tokenizer folder in OUT; returns the manifest (the driver
+              writes it last), with the realised validation share in tokens
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from typing import Any
 import numpy as np
 
 from lmforge.common import LmforgeError
-from lmforge.config import PrepareConfig, SourceConfig
+from lmforge.config import PrepareConfig
 from lmforge.data.shards import FORMAT, MANIFEST, TOKENIZER_DIR, ShardWriter, token_dtype
-from lmforge.data.split_mix import plan_mixture, round_robin, val_mask
+from lmforge.data.split_mix import plan_mixture, round_robin
 from lmforge.data.stage_cache import Stage, digest, progress
 from lmforge.data.stage_docs import read_docs
+from lmforge.data.stage_split import SIDES
 from lmforge.fileio import atomic_folder, write_json
 from lmforge.tokenizer import (
     CharTokenizer,
@@ -32,26 +35,15 @@ from lmforge.tokenizer import (
 )
 
 
-def _train_docs(
-    docs: Path, cfg: PrepareConfig, stats: dict[str, Any], src: SourceConfig
-) -> Iterator[str]:
-    """A source's documents that are not held out for validation."""
-    p = cfg.prepare
-    mask = val_mask(stats[src.name]["documents_out"], p.val_fraction, p.seed, src.name)
-    for i, text in enumerate(read_docs(docs, src.name)):
-        if not mask[i]:
-            yield text
-
-
-def stage_tokenizer(cfg: PrepareConfig, out: Path, docs: Path, stats: dict[str, Any]) -> Tokenizer:
+def stage_tokenizer(cfg: PrepareConfig, out: Path, split_dir: Path) -> Tokenizer:
     p = cfg.prepare
     spec = p.tokenizer
     if spec == "byte":
         return load_tokenizer("byte")
-    if spec == "char":
+    if spec == "char":  # both sides: a char vocabulary must cover the val text to encode it
         chars: set[str] = set()
-        for src in cfg.sources:
-            for text in read_docs(docs, src.name):
+        for src, side in itertools.product(cfg.sources, SIDES):
+            for text in read_docs(split_dir, src.name, side):
                 chars.update(text)
         return CharTokenizer(sorted(chars), with_eot=True)
     if spec.startswith("train:"):
@@ -61,12 +53,11 @@ def stage_tokenizer(cfg: PrepareConfig, out: Path, docs: Path, stats: dict[str, 
             raise LmforgeError(
                 f"--prepare.tokenizer {spec!r}: expected train:VOCAB_SIZE, e.g. train:8192"
             ) from None
-        key = digest([docs.name, vocab, p.tokenizer_sample_bytes, p.val_fraction, p.seed])
-        stage = Stage(out, "tokenizer", key)
+        stage = Stage(out, "tokenizer", digest([split_dir.name, vocab, p.tokenizer_sample_bytes]))
         if not stage.done:
             with stage.build() as tmp:
                 texts = round_robin(
-                    [_train_docs(docs, cfg, stats, s) for s in cfg.sources],
+                    [read_docs(split_dir, s.name, "train") for s in cfg.sources],
                     p.tokenizer_sample_bytes,
                 )
                 train_bpe(texts, vocab).save(tmp)
@@ -79,33 +70,40 @@ def stage_tokenizer(cfg: PrepareConfig, out: Path, docs: Path, stats: dict[str, 
     return tok
 
 
+def _tokenize(texts: Iterator[str], tok: Tokenizer, path: Path, bar: Any) -> tuple[list[int], int]:
+    """Write the texts' ids to `path` (uint32) -> (document offsets into it, UTF-8 bytes read)."""
+    offsets = [0]
+    n_bytes = 0
+    with open(path, "wb") as f:
+        while batch := list(itertools.islice(texts, 512)):
+            for ids in tok.encode_batch(batch):
+                f.write(np.asarray(ids, dtype=np.uint32).tobytes())
+                offsets.append(offsets[-1] + len(ids))
+            n_bytes += sum(len(t.encode("utf-8")) for t in batch)
+            bar.update(len(batch))
+    return offsets, n_bytes
+
+
 def stage_ids(
-    cfg: PrepareConfig, out: Path, docs: Path, tok: Tokenizer
+    cfg: PrepareConfig, out: Path, split_dir: Path, tok: Tokenizer
 ) -> tuple[Path, dict[str, Any]]:
-    """Tokenise every kept document: `<source>.ids` (uint32) + `<source>.idx.npy` (offsets)."""
-    stage = Stage(out, "ids", digest([docs.name, tokenizer_hash(tok)]))
+    """Tokenise every document of both sides: `<source>.<side>.ids` (uint32) +
+    `<source>.<side>.idx.npy` (offsets)."""
+    stage = Stage(out, "ids", digest([split_dir.name, tokenizer_hash(tok)]))
     if stage.done:
         return stage.final, json.loads((stage.final / "stats.json").read_text())
     stats: dict[str, Any] = {}
     bar = progress("tokenize", "doc")
     with stage.build() as tmp:
         for src in cfg.sources:
-            offsets = [0]
-            n_bytes = 0
-            with open(tmp / f"{src.name}.ids", "wb") as f:
-                batch: list[str] = []
-                for text in itertools.chain(read_docs(docs, src.name), [None]):
-                    if text is not None:
-                        batch.append(text)
-                    if batch and (text is None or len(batch) == 512):
-                        for ids in tok.encode_batch(batch):
-                            f.write(np.asarray(ids, dtype=np.uint32).tobytes())
-                            offsets.append(offsets[-1] + len(ids))
-                        n_bytes += sum(len(t.encode("utf-8")) for t in batch)
-                        bar.update(len(batch))
-                        batch = []
-            np.save(tmp / f"{src.name}.idx.npy", np.asarray(offsets, dtype=np.int64))
-            tokens = offsets[-1]
+            tokens = n_bytes = 0
+            for side in SIDES:
+                offsets, side_bytes = _tokenize(
+                    read_docs(split_dir, src.name, side), tok, tmp / f"{src.name}.{side}.ids", bar
+                )
+                np.save(tmp / f"{src.name}.{side}.idx.npy", np.asarray(offsets, dtype=np.int64))
+                tokens += offsets[-1]
+                n_bytes += side_bytes
             stats[src.name] = {
                 "tokens": tokens,
                 "bytes": n_bytes,
@@ -116,49 +114,56 @@ def stage_ids(
     return stage.final, stats
 
 
-def _source_ids(ids_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
-    offsets = np.load(ids_dir / f"{name}.idx.npy")
-    path = ids_dir / f"{name}.ids"
+Side = tuple[np.ndarray, np.ndarray]  # one source's side: (token ids, document offsets)
+
+
+def _side_ids(ids_dir: Path, name: str, side: str) -> Side:
+    offsets = np.load(ids_dir / f"{name}.{side}.idx.npy")
+    path = ids_dir / f"{name}.{side}.ids"
     tokens = np.memmap(path, dtype=np.uint32, mode="r") if offsets[-1] else np.zeros(0, np.uint32)
     return tokens, offsets
 
 
-def _write_split(
-    writer: ShardWriter,
-    order: list[tuple[str, int]] | np.ndarray,
-    names: list[str],
-    data: dict[str, tuple[np.ndarray, np.ndarray]],
-) -> None:
+def _write_split(writer: ShardWriter, order: list[tuple[int, int]], sides: list[Side]) -> None:
     for src_i, doc in order:
-        tokens, offsets = data[names[src_i]]
+        tokens, offsets = sides[src_i]
         writer.add(tokens[offsets[doc] : offsets[doc + 1]])
+
+
+def _val_share(cfg: PrepareConfig, data: dict[str, dict[str, Side]]) -> dict[str, Any]:
+    """The realised validation share in tokens (a separator per document included), per source
+    and overall, of the sources' own tokens (before the mixture repeats or drops any)."""
+    tokens = {
+        name: {side: int(offsets[-1]) + len(offsets) - 1 for side, (_, offsets) in sides.items()}
+        for name, sides in data.items()
+    }
+    val = sum(t["val"] for t in tokens.values())
+    total = sum(t["train"] + t["val"] for t in tokens.values())
+    return {
+        "asked": cfg.prepare.val_fraction,
+        "realised": round(val / max(total, 1), 4),
+        "sources": {
+            name: round(t["val"] / max(t["train"] + t["val"], 1), 4) for name, t in tokens.items()
+        },
+    }
 
 
 def stage_shards(
     cfg: PrepareConfig, out: Path, ids_dir: Path, tok: Tokenizer, key: str
 ) -> dict[str, Any]:
-    """Split, mix and write the shards and the tokenizer into OUT -> the manifest."""
+    """Mix and write the shards and the tokenizer into OUT -> the manifest."""
     p = cfg.prepare
     names = [s.name for s in cfg.sources]
-    data = {n: _source_ids(ids_dir, n) for n in names}
-    train_lens: dict[str, np.ndarray] = {}
-    train_docs: dict[str, np.ndarray] = {}
-    val_pairs = []
-    for i, n in enumerate(names):
-        offsets = data[n][1]
-        mask = val_mask(len(offsets) - 1, p.val_fraction, p.seed, n)
-        train_docs[n] = np.flatnonzero(~mask)
-        train_lens[n] = np.diff(offsets)[train_docs[n]]
-        val_pairs += [(i, int(d)) for d in np.flatnonzero(mask)]
+    data = {n: {side: _side_ids(ids_dir, n, side) for side in SIDES} for n in names}
     picks, mixture = plan_mixture(
-        train_lens, {s.name: s.weight for s in cfg.sources}, p.total_tokens, p.seed
+        {n: np.diff(data[n]["train"][1]) for n in names},
+        {s.name: s.weight for s in cfg.sources},
+        p.total_tokens,
+        p.seed,
     )
     train_order = (
         np.concatenate(
-            [
-                np.stack([np.full(len(idx), names.index(n)), train_docs[n][idx]], axis=1)
-                for n, idx in picks
-            ]
+            [np.stack([np.full(len(idx), names.index(n)), idx], axis=1) for n, idx in picks]
         )
         if picks
         else np.zeros((0, 2), dtype=np.int64)
@@ -169,15 +174,16 @@ def stage_shards(
         raise LmforgeError(
             "no training documents left after cleaning and dedup; see the counts above and loosen `clean` thresholds"
         )
+    val_order = [(i, d) for i, n in enumerate(names) for d in range(len(data[n]["val"][1]) - 1)]
 
     (out / MANIFEST).unlink(missing_ok=True)  # from here on the folder is not a finished dataset
     for old in [*out.glob("train_*.bin"), *out.glob("val_*.bin"), *out.glob(".*.bin.tmp")]:
         old.unlink()
     dtype = token_dtype(tok.vocab_size)
     splits: dict[str, Any] = {}
-    for split, order in (("train", train_order.tolist()), ("val", val_pairs)):
+    for split, order in (("train", train_order.tolist()), ("val", val_order)):
         writer = ShardWriter(out, split, dtype, tok.eot_id, p.tokens_per_shard)
-        _write_split(writer, order, names, data)
+        _write_split(writer, order, [data[n][split] for n in names])
         shards = writer.close()
         splits[split] = {
             "tokens": sum(s["tokens"] for s in shards),
@@ -197,6 +203,7 @@ def stage_shards(
             "vocab_size": tok.vocab_size,
         },
         "splits": splits,
+        "val_split": _val_share(cfg, data),
         "mixture": mixture,
         "sources": {s.name: {"paths": s.paths, "weight": s.weight} for s in cfg.sources},
         "seed": p.seed,
