@@ -5,7 +5,10 @@ user gave back into overrides for `lmforge.config`."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
+
+from lmforge.common import LmforgeError
 
 
 def add_config_options(parser: argparse.ArgumentParser, keys: list[tuple[str, Any, str]]) -> None:
@@ -35,3 +38,17 @@ def config_overrides(args: argparse.Namespace) -> list[str]:
             item = f"{item}={extra.pop(0)}"
         out.append(item)
     return out
+
+
+def resume_config(run_dir: str | Path, overrides: list[str]):
+    """The saved config of a run folder to resume (with overrides), or one clear error."""
+    from lmforge.config import build_config
+    from lmforge.train import checkpoint as ckpt
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() or ckpt.latest_checkpoint(run_dir) is None:
+        raise LmforgeError(
+            f"--resume={run_dir}: not an lmforge run folder with a checkpoint "
+            "(expected config.yaml and checkpoints/latest)"
+        )
+    return build_config(run_dir / "config.yaml", overrides=overrides)

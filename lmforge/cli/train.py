@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from lmforge.cli.options import add_config_options, config_overrides
-from lmforge.common import LmforgeError
+from lmforge.cli.options import add_config_options, config_overrides, resume_config
 from lmforge.config import build_config, describe_keys
 from lmforge.recipes.pretrain import train
-from lmforge.train import checkpoint as ckpt
 
 DEFAULT_JOB = {"train": {"max_minutes": 5.0}}
 """`lmforge train` with no arguments: the config tree's defaults (the Shakespeare job), and a
@@ -27,14 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
 def run(args: argparse.Namespace) -> int:
     overrides = config_overrides(args)
     if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file() or ckpt.latest_checkpoint(run_dir) is None:
-            raise LmforgeError(
-                f"--resume={run_dir}: not an lmforge run folder with a checkpoint "
-                "(expected config.yaml and checkpoints/latest)"
-            )
-        cfg = build_config(run_dir / "config.yaml", overrides=overrides)
-        train(cfg, resume=run_dir)
+        train(resume_config(args.resume, overrides), resume=args.resume)
     else:
         default_job = not args.config and not overrides
         layers = [args.config] if args.config else [DEFAULT_JOB] if default_job else []

@@ -138,17 +138,25 @@ class PackedLoader:
 def document_masks(input_ids: torch.Tensor, eot_id: int) -> dict[str, torch.Tensor]:
     """position_ids (B, T) restarting at each end-of-text token, and a bool attention mask
     (B, 1, T, T): True where query i may attend key j (j <= i, same document)."""
-    B, T = input_ids.shape
-    doc = torch.cumsum((input_ids == eot_id).long(), dim=1)  # (B, T) segment index
+    return segment_masks(torch.cumsum((input_ids == eot_id).long(), dim=1))
+
+
+def segment_masks(segments: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Segment ids (B, T) -> position_ids (B, T) restarting at each segment's first token and
+    a bool attention mask (B, 1, T, T): True where query i may attend key j (j <= i, same
+    segment). Segment -1 is padding: it attends only to itself (no all-masked row)."""
+    B, T = segments.shape
     idx = torch.arange(T).expand(B, T)
-    is_start = input_ids == eot_id
-    is_start[:, 0] = True
+    is_start = torch.ones_like(segments, dtype=torch.bool)
+    is_start[:, 1:] = segments[:, 1:] != segments[:, :-1]
     starts = torch.cummax(
         torch.where(is_start, idx, 0), dim=1
     ).values  # (B, T) segment's first index
-    same_doc = doc[:, :, None] == doc[:, None, :]  # (B, T, T)
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
-    return {"position_ids": idx - starts, "attention_mask": (same_doc & causal)[:, None]}
+    pad = segments == -1
+    allowed = same & causal & ~(pad[:, :, None] & ~torch.eye(T, dtype=torch.bool))
+    return {"position_ids": idx - starts, "attention_mask": allowed[:, None]}
 
 
 # ---------------------------------------------------------------- variable-length examples

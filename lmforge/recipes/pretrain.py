@@ -23,7 +23,7 @@ from lmforge.train.losses import CausalLMLoss
 from lmforge.train.trainer import Trainer
 
 
-def _new_run_dir(cfg: Config) -> Path:
+def new_run_dir(cfg: Config) -> Path:
     name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.run.dir) / name
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -55,9 +55,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
         if info.enabled:
             torch.manual_seed(cfg.train.seed + info.rank)  # distinct dropout per rank
         run_dir = (
-            Path(resume)
-            if resume
-            else broadcast_object(_new_run_dir(cfg) if info.is_main else None)
+            Path(resume) if resume else broadcast_object(new_run_dir(cfg) if info.is_main else None)
         )
         t = cfg.train
         for split, arrays in (("train", data.train), ("validation", data.val)):

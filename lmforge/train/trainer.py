@@ -44,6 +44,7 @@ _PRINTED = {
     "loss": ".4f",
     "val_loss": ".4f",
     "val_bpb": ".4f",
+    "val_end_rate": ".1%",
     "lr": ".2e",
     "grad_norm": ".4f",
     "tokens_per_s": ".0f",
@@ -81,6 +82,7 @@ class Trainer:
         eval_loss_fn: LossFn | None = None,
         tokenizer=None,
         bytes_per_token: float | None = None,
+        extra_eval: Callable[[], dict[str, float]] | None = None,
     ):
         self.cfg, self.tcfg = cfg, cfg.train
         self.dist = dist_info
@@ -94,6 +96,7 @@ class Trainer:
         self.eval_loss_fn = eval_loss_fn or loss_fn
         self.tokenizer = tokenizer
         self.bytes_per_token = bytes_per_token
+        self.extra_eval = extra_eval  # more val_* metrics, e.g. from generation
         self.precision = pick_precision(self.tcfg.precision, self.device)
         self.train_model = parallelize(self.model, self.tcfg, dist_info)
         self.optimizer = build_optimizer(self.model, self.tcfg, self.device)
@@ -199,6 +202,8 @@ class Trainer:
         row["val_ppl"] = math.exp(min(row["val_loss"], 50.0))
         if self.bytes_per_token:
             row["val_bpb"] = row["val_loss"] / math.log(2) / self.bytes_per_token
+        if self.extra_eval is not None:
+            row |= self.extra_eval()
         return row
 
     # ---------------------------------------------------------------- checkpoints

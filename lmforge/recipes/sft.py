@@ -1,0 +1,123 @@
+"""Supervised fine-tuning (instruction tuning): chat conversations + next-token loss on the
+assistant's tokens only, on the one Trainer, from a base checkpoint, with any PEFT method.
+
+`sft(cfg)` loads `run.base` (model + tokenizer with chat tokens), renders `data.path`'s records
+as conversations (lmforge/data/sft.py), holds out the last `data.val_fraction` of them (or
+reads `data.val_path`), and trains with bucketed or packed batches. Evaluation (step 0, every
+`train.eval_interval` steps and the end) reports `val_loss` on response tokens and
+`val_end_rate`: the share of held-out prompts whose greedy answer ends with the end-of-turn
+token within `train.eval_max_new_tokens`. A few answers are printed at the end.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lmforge.chat import render_conversation
+from lmforge.common import LmforgeError, print0, seed_everything
+from lmforge.config import Config
+from lmforge.data.example_loader import ExampleLoader
+from lmforge.data.sft import Example, load_examples
+from lmforge.engine import Engine, SamplingParams
+from lmforge.recipes.pretrain import new_run_dir
+from lmforge.tokenizer import END_TURN, Tokenizer
+from lmforge.train import checkpoint as ckpt
+from lmforge.train.distributed import broadcast_object, destroy_distributed, init_distributed
+from lmforge.train.losses import CausalLMLoss
+from lmforge.train.trainer import Trainer
+
+
+def answer(
+    model, tokenizer: Tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int = 16
+) -> list[tuple[list[int], bool]]:
+    """Greedy answers to each example's conversation without its last (assistant) turn ->
+    [(answer ids, ended with end-of-turn)]."""
+    end = tokenizer.tok.token_to_id(END_TURN)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, stop_ids=(end,))
+    engine = Engine(model, pad_id=tokenizer.pad_id or 0)
+    prompts = [
+        render_conversation(tokenizer, e.messages[:-1], add_generation_prompt=True)[0]
+        for e in examples
+    ]
+    out: list[tuple[list[int], bool]] = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        ids: list[list[int]] = [[] for _ in chunk]
+        ended = [False] * len(chunk)
+        for step in engine.stream(chunk, params):
+            for row, token in enumerate(step):
+                if token is None:
+                    ended[row] = True
+                elif not ended[row]:
+                    ids[row].append(token)
+        out += list(zip(ids, ended))
+    return out
+
+
+def sft(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
+    """Fine-tune `cfg.run.base` on `cfg.data.path` (or continue the run folder `resume`)."""
+    info = init_distributed(cfg.run.device)
+    try:
+        seed_everything(cfg.train.seed)
+        if not cfg.run.base:
+            raise LmforgeError("no base model: give --base CKPT (a checkpoint or run folder)")
+        base = ckpt.resolve_checkpoint(cfg.run.base)
+        model, tokenizer = ckpt.load(base)
+        if tokenizer is None:
+            raise LmforgeError(f"{base} has no tokenizer/, so conversations cannot be rendered")
+        if not cfg.data.path:
+            raise LmforgeError("no data: give --data FILE (json/jsonl of conversations)")
+        block = model.config.block_size
+        train_ex, val_ex, dropped = load_examples(
+            tokenizer, cfg.data.path, cfg.data.val_fraction, cfg.data.val_path, block
+        )
+        model.train()
+        t = cfg.train
+        pad_id = tokenizer.pad_id or 0
+        packed = cfg.data.sampling == "packed"
+        train_loader = ExampleLoader(
+            train_ex, t.micro_batch_size, block, pad_id, t.seed, info.rank, info.world_size, packed
+        )
+        val_loader = ExampleLoader(
+            val_ex, t.micro_batch_size, block, pad_id, t.seed, info.rank, info.world_size
+        )
+        probe = val_ex[: t.eval_generations]
+
+        def end_rate() -> dict[str, float]:
+            answers = answer(model, tokenizer, probe, t.eval_max_new_tokens)
+            return {"val_end_rate": sum(ended for _, ended in answers) / max(1, len(answers))}
+
+        run_dir = (
+            Path(resume) if resume else broadcast_object(new_run_dir(cfg) if info.is_main else None)
+        )
+        trainer = Trainer(
+            cfg,
+            model,
+            train_loader,
+            val_loader.each_batch_once,
+            run_dir,
+            info,
+            loss_fn=CausalLMLoss(),
+            tokenizer=tokenizer,
+            extra_eval=end_rate,
+        )
+        if resume:
+            trainer.load_trainer_state(ckpt.resolve_checkpoint(resume))
+            print0(f"resumed {run_dir} at step {trainer.step}")
+        print0(
+            f"sft {run_dir}: base {base}, {len(train_ex)} train / {len(val_ex)} held-out "
+            f"conversations ({dropped} longer than block_size {block} dropped), "
+            f"{'packed' if packed else 'bucketed'} batches, precision {trainer.precision}"
+        )
+        result = trainer.fit()
+        if info.is_main:
+            for e, (ids, ended) in zip(
+                val_ex[:3], answer(model, tokenizer, val_ex[:3], t.eval_max_new_tokens)
+            ):
+                print0(
+                    f"\n--- {e.messages[-2]['content'][:200]}\n>>> {tokenizer.decode(ids)}{'' if ended else ' [...]'}"
+                )
+        return result
+    finally:
+        destroy_distributed()
