@@ -286,3 +286,11 @@ def test_model_built_on_meta_takes_weights_without_init(monkeypatch, tie):
     x = random_ids(2, 16)
     with torch.no_grad():
         assert torch.equal(model(x), ref(x))
+
+
+def test_return_hidden_gives_what_the_head_reads():
+    model = GPT(model_config(preset="llama-tiny", vocab_size=65)).eval()
+    ids = torch.randint(0, 65, (2, 9))
+    hidden = model(ids, return_hidden=True)  # (B, T, d): for classification/reward/value heads
+    assert hidden.shape == (2, 9, model.config.d_model)
+    torch.testing.assert_close(model.lm_head(hidden), model(ids))

@@ -166,3 +166,155 @@ def test_sft_needs_a_base_with_chat_tokens(tmp_path, capsys):
     argv = ["sft", "--base", str(tmp_path / "c"), "--data", str(_records(tmp_path, RECORDS[:20]))]
     assert main([*argv, f"--run.dir={tmp_path}"]) == 1
     assert "cannot render conversations" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix", "ptuning"])
+def test_peft_sft_writes_adapter_checkpoints_that_load_and_resume(base, tmp_path, capsys, method):
+    import lmforge
+    from lmforge.train import checkpoint as ckpt
+
+    data = _records(tmp_path, RECORDS[:60])
+    argv = [
+        "sft", "--base", str(base), "--data", str(data), f"--run.dir={tmp_path}", "--run.name=p",
+        f"--peft.method={method}", "--peft.num_virtual_tokens=4", "--train.max_steps=4",
+        "--train.micro_batch_size=4", "--train.eval_interval=4", "--train.ckpt_interval=2",
+        "--train.eval_generations=2", "--train.eval_max_new_tokens=4", "--train.lr=1e-2",
+        "--run.tensorboard=false", "--train.precision=fp32",
+    ]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    folder = ckpt.resolve_checkpoint(tmp_path / "p")
+    assert not (folder / ckpt.WEIGHTS).exists() and (folder / "adapter.safetensors").is_file()
+    size = (folder / "adapter.safetensors").stat().st_size
+    assert size < (base / ckpt.WEIGHTS).stat().st_size / 5
+    assert f"peft {method}:" in capsys.readouterr().out
+    module, tok = lmforge.load(tmp_path / "p")  # base + adapter, the base's hash checked
+    ids = torch.tensor([tok.encode("Name a color.")])
+    base_model, _ = lmforge.load(base)
+    assert not torch.equal(module(ids), base_model(ids))  # the adapter changed the outputs
+    # resume from step 2: the same losses as the uninterrupted run
+    rows = [
+        json.loads(line) for line in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()
+    ]
+    (tmp_path / "p" / "checkpoints" / "latest").write_text("step_0000002\n")
+    (tmp_path / "p" / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= 2 and "loss" in r)
+    )
+    assert main(["sft", f"--resume={tmp_path / 'p'}"]) == 0
+    resumed = [
+        json.loads(line) for line in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()
+    ]
+    losses = lambda rs: [(r["step"], r["loss"]) for r in rs if "loss" in r]  # noqa: E731
+    assert losses(resumed) == losses(rows)
+
+
+def test_an_adapter_on_the_wrong_base_is_refused(base, tok, tmp_path, capsys):
+    import shutil
+
+    import lmforge
+
+    own_base = tmp_path / "base"
+    shutil.copytree(base, own_base)
+    data = _records(tmp_path, RECORDS[:40])
+    argv = [
+        "sft", "--base", str(own_base), "--data", str(data), f"--run.dir={tmp_path}", "--run.name=l",
+        "--peft.method=lora", "--train.max_steps=1", "--train.micro_batch_size=4",
+        "--train.eval_generations=1", "--train.eval_max_new_tokens=2", "--run.tensorboard=false",
+    ]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    overrides = dict(preset="llama-tiny", vocab_size=tok.vocab_size, block_size=256)
+    torch.manual_seed(1)  # other weights under the same path
+    save_checkpoint(
+        own_base, GPT(model_config(**overrides)), build_config({"model": overrides}), tok
+    )
+    with pytest.raises(Exception, match="wrong base"):
+        lmforge.load(tmp_path / "l")
+    assert main(["generate", "--checkpoint", str(tmp_path / "l"), "--prompt", "Hi"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "wrong base" in err
+
+
+def _lora_run(base: Path, tmp_path: Path, method: str = "lora") -> Path:
+    data = _records(tmp_path, RECORDS[:40])
+    argv = [
+        "sft", "--base", str(base), "--data", str(data), f"--run.dir={tmp_path}", f"--run.name={method}",
+        f"--peft.method={method}", "--peft.num_virtual_tokens=4", "--train.max_steps=2",
+        "--train.micro_batch_size=4", "--train.lr=1e-2", "--train.eval_generations=1",
+        "--train.eval_max_new_tokens=2", "--run.tensorboard=false", "--train.precision=fp32",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    return tmp_path / method
+
+
+def test_export_merge_folds_lora_into_a_plain_checkpoint_and_hf(base, tmp_path, capsys):
+    import lmforge
+
+    run = _lora_run(base, tmp_path)
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(run),
+                "--format",
+                "lmforge",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 1
+    )
+    assert "add --merge" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(run),
+                "--format",
+                "lmforge",
+                "--merge",
+                "--out",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 0
+    )
+    assert main(["export", "--checkpoint", str(run), "--merge", "--out", str(tmp_path / "hf")]) == 0
+    adapted, tok = lmforge.load(run)
+    merged, _ = lmforge.load(tmp_path / "m")
+    ids = torch.tensor([tok.encode("Name a color.")])
+    with torch.no_grad():
+        assert (adapted(ids) - merged(ids)).abs().max() <= 1e-5
+        transformers = pytest.importorskip("transformers")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+        assert (hf(ids).logits - merged(ids)).abs().max() <= 1e-4
+    prefix_run = _lora_run(base, tmp_path, "prefix")
+    capsys.readouterr()
+    assert (
+        main(["export", "--checkpoint", str(prefix_run), "--merge", "--out", str(tmp_path / "p")])
+        == 1
+    )
+    assert "only LoRA adapters merge" in capsys.readouterr().err
+
+
+def test_generate_chat_answers_and_stops_at_a_stop_string(base, tmp_path, capsys):
+    argv = [
+        "generate",
+        "--checkpoint",
+        str(base),
+        "--prompt",
+        "Name a color.",
+        "--temperature",
+        "0",
+    ]
+    assert main([*argv, "--chat", "--max-new-tokens", "12"]) == 0
+    answer = capsys.readouterr().out
+    assert not answer.startswith("Name a color.")  # only the assistant's answer is printed
+    assert main([*argv, "--max-new-tokens", "12"]) == 0
+    free = capsys.readouterr().out[len("Name a color.") :].rstrip("\n")
+    stop = free[3:5]
+    assert main([*argv, "--max-new-tokens", "12", "--stop", stop]) == 0
+    assert capsys.readouterr().out == "Name a color." + free[: free.index(stop)] + "\n"
+    assert main([*argv, "--max-new-tokens", "12", "--stop", stop, "--stream"]) == 0
+    assert capsys.readouterr().out == "Name a color." + free[: free.index(stop)] + "\n"

@@ -8,6 +8,7 @@ nh query heads, nkv key/value heads, hd head dim, d model dim, V vocab.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,31 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+@dataclass
+class Prefix:
+    """Key/value positions that every token attends to before its own sequence: the model's
+    hook for prefix tuning and P-tuning (lmforge/model/peft.py). A prefix is shared by every row
+    of a batch and sits outside the KV cache and the attention mask: each query sees all of it,
+    whatever the padding or sliding window.
+
+    kv (n_layer, 2, nkv, P, hd): each layer's keys and values, used as given (RoPE is not
+    applied to them). shift: positions the prefix takes before the real tokens, whose positions
+    move up by it (0 for prefix tuning; P for P-tuning, whose virtual tokens sit at 0..P-1)."""
+
+    kv: torch.Tensor
+    shift: int = 0
+
+
+def prefix_mask(mask: torch.Tensor | bool, T: int, S: int, P: int, device) -> torch.Tensor | bool:
+    """GPT._mask's answer with P always-visible prefix columns in front: (B or 1, 1, T, P + S),
+    or False (a one-token decode sees everything, the prefix too)."""
+    if mask is False:
+        return mask
+    if mask is True:  # SDPA's is_causal aligns top-left when T != P + S: spell out the causal part
+        mask = torch.ones(T, S, dtype=torch.bool, device=device).tril()[None, None]
+    return torch.cat([mask.new_ones(*mask.shape[:-1], P), mask], dim=-1)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -106,7 +132,8 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, mask, kv_cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x, rope, mask, kv_cache: KVCache | None, prefix_kv=None) -> torch.Tensor:
+        """prefix_kv (2, nkv, P, hd): this layer's Prefix keys/values, put before every row's."""
         B, T, d = x.shape
         q, k, v = self.qkv(x).split(
             [self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1
@@ -120,6 +147,9 @@ class Attention(nn.Module):
             k = k * cos + rotate_half(k) * sin
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)  # (B, nkv, S, hd)
+        if prefix_kv is not None:
+            pk, pv = prefix_kv.to(k.dtype)[:, None].expand(-1, B, -1, -1, -1)  # (B, nkv, P, hd)
+            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (B, nkv, P + S, hd)
         gqa = {}
         if self.nkv != self.nh:
             if sdpa_gqa(q, mask):
@@ -174,17 +204,19 @@ class Block(nn.Module):
         self.drop_path = DropPath(rate)
         self.activation_checkpointing = False  # set from outside by the trainer
 
-    def _forward(self, x, rope, mask, kv_cache):
+    def _forward(self, x, rope, mask, kv_cache, prefix_kv):
         if self.pre_norm:
-            x = x + self.drop_path(self.attn(self.norm1(x), rope, mask, kv_cache))
+            x = x + self.drop_path(self.attn(self.norm1(x), rope, mask, kv_cache, prefix_kv))
             return x + self.drop_path(self.mlp(self.norm2(x)))
-        x = self.norm1(x + self.drop_path(self.attn(x, rope, mask, kv_cache)))
+        x = self.norm1(x + self.drop_path(self.attn(x, rope, mask, kv_cache, prefix_kv)))
         return self.norm2(x + self.drop_path(self.mlp(x)))
 
-    def forward(self, x, rope, mask, kv_cache=None):
+    def forward(self, x, rope, mask, kv_cache=None, prefix_kv=None):
         if self.activation_checkpointing and self.training and kv_cache is None:
-            return checkpoint(self._forward, x, rope, mask, kv_cache, use_reentrant=False)
-        return self._forward(x, rope, mask, kv_cache)
+            return checkpoint(
+                self._forward, x, rope, mask, kv_cache, prefix_kv, use_reentrant=False
+            )
+        return self._forward(x, rope, mask, kv_cache, prefix_kv)
 
 
 class GPT(nn.Module):
@@ -305,11 +337,14 @@ class GPT(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         logits_to_keep: int = 0,
+        prefix: Prefix | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V), or (B, k, V) for the last k positions only
         when logits_to_keep=k > 0 (generation needs just the last one; the head is the
@@ -319,17 +354,27 @@ class GPT(nn.Module):
         positions plus the new ones (S = cache length + T). A 4-D boolean (B, 1, T, S) mask is
         used as given (True = may attend), e.g. causal attention within packed documents. position_ids (B, T) default to
         counting real tokens, so a left-padded prompt gets the positions it would have alone.
+
+        Hooks for PEFT (lmforge/model/peft.py): `prefix` puts learned keys/values before every
+        layer's own (see Prefix); `inputs_embeds` (B, T, d) replaces the token embedding of
+        input_ids (then None). return_hidden=True gives the final normed hidden states (B, T or
+        k, d) instead of logits, for heads of other kinds (classification, reward, value).
         """
-        B, T = input_ids.shape
+        x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
+        B, T, _ = x.shape
         if logits_to_keep < 0:
             raise ValueError(f"logits_to_keep={logits_to_keep} must be >= 0 (0 = all positions)")
         offset = kv_cache.length if kv_cache is not None else 0
         S = offset + T
-        if S > self.config.block_size:
-            raise ValueError(f"sequence length {S} exceeds block_size {self.config.block_size}")
-        device = input_ids.device
+        shift = prefix.shift if prefix is not None else 0
+        if shift + S > self.config.block_size:
+            raise ValueError(
+                f"sequence length {shift + S} exceeds block_size {self.config.block_size}"
+            )
+        device = x.device
         pos = self._positions(B, T, offset, attention_mask, position_ids, device)  # (B, T)
-        x = self.wte(input_ids)  # (B, T, d)
+        if shift:
+            pos = pos + shift
         rope = None
         if self.config.pos_encoding == "learned":
             x = x + self.wpe(pos)
@@ -341,13 +386,18 @@ class GPT(nn.Module):
             rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
         x = self.drop(x)
         mask = self._mask(T, S, offset, attention_mask, device)
-        for block in self.blocks:
-            x = block(x, rope, mask, kv_cache)
+        layer_kv = [None] * len(self.blocks)
+        if prefix is not None:
+            mask = prefix_mask(mask, T, S, prefix.kv.size(-2), device)
+            layer_kv = prefix.kv  # (L, 2, nkv, P, hd)
+        for block, prefix_kv in zip(self.blocks, layer_kv):
+            x = block(x, rope, mask, kv_cache, prefix_kv)
         if kv_cache is not None:
             kv_cache.length = S
         if logits_to_keep:
             x = x[:, -logits_to_keep:]  # (B, k, d)
-        return self.lm_head(self.norm_f(x))  # (B, T or k, V)
+        x = self.norm_f(x)
+        return x if return_hidden else self.lm_head(x)  # (B, T or k, d or V)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters counted once (a tied head is not counted twice). non_embedding drops

@@ -526,14 +526,15 @@ def check_out_free(out: Path) -> None:
         raise LmforgeError(f"--out {out} already exists and is not empty; choose a new folder")
 
 
-def export_hf(checkpoint: str | Path, out: str | Path) -> tuple[Path, str]:
+def export_hf(checkpoint: str | Path, out: str | Path, merge: bool = False) -> tuple[Path, str]:
     """lmforge checkpoint (or run folder) -> HF folder, written under a temporary name and
-    renamed when complete. Returns (folder, family)."""
-    from lmforge.train.checkpoint import load, resolve_checkpoint
+    renamed when complete. An adapter checkpoint needs merge=True (LoRA only). Returns
+    (folder, family)."""
+    from lmforge.train.checkpoint import load_plain
 
     out = Path(out)
     check_out_free(out)
-    model, tokenizer = load(resolve_checkpoint(checkpoint))
+    model, tokenizer, _ = load_plain(checkpoint, merge)
     kind = family(model.config)
     with atomic_folder(out) as tmp:  # replaces `out` only if it is an empty folder (checked)
         save_hf(model, tokenizer, tmp)

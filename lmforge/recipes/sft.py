@@ -20,6 +20,7 @@ from lmforge.config import Config
 from lmforge.data.example_loader import ExampleLoader
 from lmforge.data.sft import Example, load_examples
 from lmforge.engine import Engine, SamplingParams
+from lmforge.model.peft import apply_peft, trainable_share
 from lmforge.recipes.pretrain import new_run_dir
 from lmforge.tokenizer import END_TURN, Tokenizer
 from lmforge.train import checkpoint as ckpt
@@ -63,16 +64,18 @@ def sft(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
         if not cfg.run.base:
             raise LmforgeError("no base model: give --base CKPT (a checkpoint or run folder)")
         base = ckpt.resolve_checkpoint(cfg.run.base)
-        model, tokenizer = ckpt.load(base)
+        cfg.run.base = str(base.resolve())  # adapter checkpoints find their base by it
+        base_model, tokenizer = ckpt.load(base)
         if tokenizer is None:
             raise LmforgeError(f"{base} has no tokenizer/, so conversations cannot be rendered")
         if not cfg.data.path:
             raise LmforgeError("no data: give --data FILE (json/jsonl of conversations)")
-        block = model.config.block_size
+        model = apply_peft(base_model.train(), cfg.peft)
+        trainable, total = trainable_share(model)
+        block = model.config.block_size  # P-tuning's virtual tokens take some of it
         train_ex, val_ex, dropped = load_examples(
             tokenizer, cfg.data.path, cfg.data.val_fraction, cfg.data.val_path, block
         )
-        model.train()
         t = cfg.train
         pad_id = tokenizer.pad_id or 0
         packed = cfg.data.sampling == "packed"
@@ -108,7 +111,9 @@ def sft(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
         print0(
             f"sft {run_dir}: base {base}, {len(train_ex)} train / {len(val_ex)} held-out "
             f"conversations ({dropped} longer than block_size {block} dropped), "
-            f"{'packed' if packed else 'bucketed'} batches, precision {trainer.precision}"
+            f"{'packed' if packed else 'bucketed'} batches, precision {trainer.precision}; "
+            f"peft {cfg.peft.method}: {trainable:,} of {total:,} parameters train "
+            f"({trainable / total:.2%})"
         )
         result = trainer.fit()
         if info.is_main:

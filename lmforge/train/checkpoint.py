@@ -8,20 +8,25 @@ crash mid-save leaves the previous checkpoint intact and never a folder that loo
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from lmforge.common import LmforgeError
 from lmforge.config import Config, build_config, save_config
 from lmforge.fileio import atomic_folder, atomic_write_text, contained
 from lmforge.model.gpt import GPT
+from lmforge.model.peft import ADAPTER_WEIGHTS, load_adapter, merge_lora, write_adapter
 from lmforge.tokenizer import Tokenizer, load_tokenizer
 
 WEIGHTS = "model.safetensors"
+TRAINABLE = "trainable.safetensors"
+"""PEFT runs: the parameters that train (encoders unfolded), what resume needs."""
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer"
 TRAINER_STATE = "trainer_state.pt"
@@ -36,10 +41,19 @@ def save_checkpoint(
     trainer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint folder atomically; an existing folder of the same name is replaced
-    only after the new one is complete on disk."""
+    only after the new one is complete on disk. With a PEFT method (cfg.peft) only the adapter
+    is written (adapter.safetensors + adapter.yaml naming the base, cfg.run.base, by its
+    weights' sha256) and, for resume, the trainable parameters as they train."""
     folder = Path(folder)
     with atomic_folder(folder) as tmp:
-        save_model(model, str(tmp / WEIGHTS))
+        if cfg.peft.method == "none":
+            save_model(model, str(tmp / WEIGHTS))
+        else:
+            base_hash = weights_sha256(resolve_checkpoint(cfg.run.base))
+            write_adapter(model, tmp, cfg.peft, base_hash)
+            if trainer_state is not None:
+                trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+                save_file(trainable, str(tmp / TRAINABLE))
         save_config(cfg, tmp / CONFIG)
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER)
@@ -49,8 +63,11 @@ def save_checkpoint(
 
 
 def is_checkpoint(folder: str | Path) -> bool:
+    """A full checkpoint (model.safetensors) or an adapter one (adapter.safetensors), with its
+    config.yaml."""
     folder = Path(folder)
-    return (folder / WEIGHTS).is_file() and (folder / CONFIG).is_file()
+    weights = (folder / WEIGHTS).is_file() or (folder / ADAPTER_WEIGHTS).is_file()
+    return weights and (folder / CONFIG).is_file()
 
 
 def load_checkpoint_config(folder: str | Path) -> Config:
@@ -70,6 +87,9 @@ def load_weights(model: GPT, folder: str | Path, assign: bool = False) -> None:
     assign=True takes the file's tensors as the model's own (GPT.assign_weights), for a model
     built on the meta device; otherwise they are copied into the existing parameters (which an
     optimizer may already hold)."""
+    if (Path(folder) / TRAINABLE).is_file():  # a PEFT run: the adapter's parameters only
+        _load_trainable(model, Path(folder) / TRAINABLE)
+        return
     path = Path(folder) / WEIGHTS
     try:
         if assign:
@@ -89,17 +109,80 @@ def load_weights(model: GPT, folder: str | Path, assign: bool = False) -> None:
         )
 
 
-def load(folder: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer | None]:
+def weights_sha256(folder: str | Path) -> str:
+    """sha256 of a checkpoint's model.safetensors: the identity of its weights (an adapter
+    records the base it was trained on). Cached per file, size and modification time."""
+    path = Path(folder) / WEIGHTS
+    if not path.is_file():
+        raise LmforgeError(f"{path} not found: {folder} is not a full lmforge checkpoint")
+    st = path.stat()
+    return _file_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_trainable(module: torch.nn.Module, path: Path) -> None:
+    """A PEFT run's trainable parameters, by name, into a module built the same way."""
+    own = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    saved = load_file(str(path))
+    if {n: tuple(p.shape) for n, p in own.items()} != {n: tuple(t.shape) for n, t in saved.items()}:
+        raise LmforgeError(f"{path} does not fit this run's PEFT setup (peft section changed?)")
+    with torch.no_grad():
+        for name, param in own.items():
+            param.copy_(saved[name])
+
+
+def load(
+    folder: str | Path, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, Tokenizer | None]:
     """Load a checkpoint folder -> (model in eval mode, tokenizer or None). The model is built
     on the meta device and takes the file's tensors as its own, so a large model is not
-    randomly initialised first only to be overwritten."""
+    randomly initialised first only to be overwritten. An adapter checkpoint (PEFT) loads its
+    base (run.base in its config) and applies the adapter, after checking the base's hash."""
     folder = Path(folder)
     cfg = load_checkpoint_config(folder)
+    if (folder / ADAPTER_WEIGHTS).is_file():
+        base = resolve_checkpoint(cfg.run.base)
+        model, base_tokenizer = load(base)
+        module = load_adapter(model, folder, weights_sha256(base))
+        tokenizer = (
+            load_tokenizer(folder / TOKENIZER) if (folder / TOKENIZER).is_dir() else base_tokenizer
+        )
+        return module.to(device).eval(), tokenizer
     with torch.device("meta"):
         model = GPT(cfg.model)
     load_weights(model, folder, assign=True)
     tokenizer = load_tokenizer(folder / TOKENIZER) if (folder / TOKENIZER).is_dir() else None
     return model.to(device).eval(), tokenizer
+
+
+def load_plain(path: str | Path, merge: bool = False) -> tuple[GPT, Tokenizer | None, Config]:
+    """A checkpoint (or run folder) as a plain GPT, its tokenizer and config: a full
+    checkpoint as it is; a LoRA adapter checkpoint with merge=True folded into its base
+    (peft.method none in the returned config). Other adapters cannot become a plain model."""
+    folder = resolve_checkpoint(path)
+    cfg = load_checkpoint_config(folder)
+    model, tokenizer = load(folder)
+    if cfg.peft.method == "none":
+        return model, tokenizer, cfg
+    if not merge:
+        raise LmforgeError(
+            f"{folder} is a {cfg.peft.method} adapter on {cfg.run.base}; add --merge to fold "
+            "a LoRA adapter into its base"
+        )
+    if cfg.peft.method != "lora":
+        raise LmforgeError(
+            f"only LoRA adapters merge into plain weights; {folder} is a {cfg.peft.method} adapter"
+        )
+    cfg.peft.method = "none"
+    return merge_lora(model), tokenizer, cfg
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

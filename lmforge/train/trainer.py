@@ -396,3 +396,4 @@ class Trainer:
         parts += [f"{key} {row[key]:{fmt}}" for key, fmt in _PRINTED.items() if key in row]
         message = " | ".join(parts) + (f" | {note}" if note else "")
         tqdm.write(message, file=sys.stdout)
+        sys.stdout.flush()  # a pipe (tee, a log file) sees each line as it is written
