@@ -32,6 +32,12 @@ ASSISTANT = "<|assistant|>"
 END_TURN = "<|end|>"
 SPECIAL_TOKENS = [EOT, PAD, SYSTEM, USER, ASSISTANT, END_TURN]
 """Added to every trained BPE in this order, so `<|endoftext|>` is id 0 and `<|pad|>` id 1."""
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+"""lmforge's chat format (lmforge/chat.py renders it) as the Jinja template that
+transformers' apply_chat_template reads from tokenizer_config.json."""
 CHAR_FILE = "char_vocab.json"
 BYTE_FILE = "byte_vocab.json"
 SPECIAL_IDS_FILE = "lmforge_special_ids.json"
@@ -179,6 +185,9 @@ class HFTokenizer:
                 config[key] = token
         if self.bos_id is not None:
             config["add_bos_token"] = self.add_bos
+        if all(self.tok.token_to_id(t) is not None for t in (SYSTEM, USER, ASSISTANT, END_TURN)):
+            bos = "{{ bos_token }}" if self.add_bos else ""
+            config["chat_template"] = bos + CHAT_TEMPLATE
         return config
 
 

@@ -91,3 +91,14 @@ def test_bad_conversations_are_user_errors(tok):
         )
     with pytest.raises(LmforgeError, match="cannot render conversations"):
         render_conversation(CharTokenizer.from_text("abc"), [{"role": "user", "content": "a"}])
+
+
+def test_the_saved_chat_template_renders_as_render_conversation(tok, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tok.save(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    messages = _history(2)
+    ours = render_conversation(tok, messages, add_generation_prompt=True)[0]
+    theirs = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    theirs = theirs["input_ids"] if isinstance(theirs, dict) or hasattr(theirs, "keys") else theirs
+    assert list(theirs) == ours

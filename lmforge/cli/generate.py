@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 
+from lmforge.chat import render_conversation
 from lmforge.common import LmforgeError
 from lmforge.engine import Engine, SamplingParams
 from lmforge.hardware import pick_device
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer import END_TURN, Tokenizer
 from lmforge.train.checkpoint import load, resolve_checkpoint
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -50,6 +51,19 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     )
     parser.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="the prompt is a user message in the chat format; print the assistant's answer",
+    )
+    parser.add_argument("--system", default="", help="--chat: a system message")
+    parser.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop before this text (repeatable)",
+    )
+    parser.add_argument(
         "--device", default="auto", help="auto (cuda > mps > cpu) or a torch device"
     )
 
@@ -86,31 +100,78 @@ def new_text(tokenizer: Tokenizer, tokens: Iterator[int]) -> Iterator[str]:
         printed = len(text)
 
 
+class StopStrings:
+    """Text arriving piece by piece, cut before the first stop string. Text that could still
+    be the start of a stop string is held back until it is known not to be."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [x for x in stops if x]
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        """The text that is safe to show now."""
+        self.pending += piece
+        hits = [i for i in (self.pending.find(x) for x in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[: min(hits)], ""
+            return out
+        hold = max((len(x) - 1 for x in self.stops), default=0)
+        keep = next(
+            (k for k in range(min(hold, len(self.pending)), 0, -1)
+             if any(x.startswith(self.pending[-k:]) for x in self.stops)),
+            0,
+        )  # fmt: skip
+        out, self.pending = (
+            self.pending[: len(self.pending) - keep],
+            self.pending[len(self.pending) - keep :],
+        )
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
 def run(args: argparse.Namespace) -> int:
     folder = resolve_checkpoint(args.checkpoint)
     model, tokenizer = load(folder, pick_device(args.device))
     if tokenizer is None:
         raise LmforgeError(f"{folder} has no tokenizer/ folder, so --prompt cannot be encoded")
     cfg = model.config
-    prompt = encode_prompt(tokenizer, args.prompt, cfg.vocab_size)
+    stop_ids = tokenizer.stop_ids  # end-of-text, plus e.g. Llama 3's <|eot_id|>
+    if args.chat:  # the prompt is a user turn; the answer ends at end-of-turn
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        messages.append({"role": "user", "content": args.prompt})
+        prompt = render_conversation(tokenizer, messages, add_generation_prompt=True)[0]
+        stop_ids = (tokenizer.tok.token_to_id(END_TURN), *stop_ids)
+    else:
+        prompt = encode_prompt(tokenizer, args.prompt, cfg.vocab_size)
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k or None,
         top_p=args.top_p,
         repetition_penalty=args.repetition_penalty,
-        stop_ids=tokenizer.stop_ids,  # end-of-text, plus e.g. Llama 3's <|eot_id|>
+        stop_ids=stop_ids,
         seed=args.seed,
         window=args.window,
     )
     engine = Engine(model)
     engine.window(params)  # a bad --window fails before anything is printed
-    print(args.prompt, end="", flush=True)
-    if args.stream:
-        tokens = (step[0] for step in engine.stream([prompt], params) if step[0] is not None)
-        for piece in new_text(tokenizer, tokens):
-            print(piece, end="", flush=True)
-        print()
-    else:
-        print(tokenizer.decode(engine.generate([prompt], params)[0]))
+    if not args.chat:
+        print(args.prompt, end="", flush=True)
+    stops = StopStrings(args.stop)
+    tokens = (step[0] for step in engine.stream([prompt], params) if step[0] is not None)
+    text = ""
+    for piece in new_text(tokenizer, tokens):
+        shown = stops.feed(piece)
+        text += shown
+        if args.stream:
+            print(shown, end="", flush=True)
+        if stops.stopped:
+            break
+    rest = stops.flush()
+    print(rest if args.stream else text + rest)
     return 0
