@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo train test lint bench
+.PHONY: setup demo train test lint bench chat-base
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml scripts/install_torch.sh
@@ -15,6 +15,11 @@ $(VENV)/.installed: pyproject.toml scripts/install_torch.sh
 # The default job: train on the bundled Shakespeare for about 5 minutes, evaluate, sample.
 demo train: setup
 	$(BIN)/lmforge train
+
+# The chat base model that post-training starts from (about 10 minutes): data, then pretraining.
+chat-base: setup
+	test -f data/chat_base/manifest.json || $(BIN)/lmforge prepare --config configs/prepare_chat_base.yaml --out data/chat_base
+	$(BIN)/lmforge train --config configs/chat_base_cpu.yaml
 
 test: setup
 	$(BIN)/ruff check lmforge tests benchmarks

@@ -326,6 +326,20 @@ class Config:
 # ---------------------------------------------------------------- `lmforge prepare`'s tree
 
 
+def record_slice(spec: str, what: str) -> slice:
+    """'start:stop' (either may be empty) -> slice(start, stop); '' -> every record."""
+    bounds = spec.split(":") if spec else ["", ""]
+    try:
+        start, stop = (int(x) if x.strip() else None for x in bounds)
+    except ValueError:
+        start = stop = -1  # reported below
+    if len(bounds) != 2 or any(x is not None and x < 0 for x in (start, stop)):
+        raise LmforgeError(
+            f"{what}={spec!r} is not 'start:stop' (counts >= 0, either may be empty)"
+        )
+    return slice(start, stop)
+
+
 @dataclass
 class CleanConfig:
     """Thresholds of the cleaning stage; 0 or None disables a rule."""
@@ -388,6 +402,10 @@ class SourceConfig:
     """Share of training tokens; None everywhere = every source in its natural proportion."""
     text_field: list[str] = field(default_factory=lambda: ["text"])
     """Fields (json/jsonl), columns (parquet/csv) joined by a blank line into a document."""
+    records: str = ""
+    """Only these records of each json/jsonl/parquet/csv file, as a Python slice 'start:stop'
+    (e.g. ':990' = the first 990, to keep held-out records out of pretraining); empty = all.
+    Records without the text fields do not count."""
     split: str = "file"
     """How plain-text files become documents: file (one each), blank_lines (paragraphs), lines."""
     chunk_bytes: int = 65536
@@ -401,6 +419,7 @@ class SourceConfig:
     (a recipe gives only those that differ, e.g. {min_words: 3}); None = the global section."""
 
     def __post_init__(self) -> None:
+        record_slice(self.records, f"source {self.name!r}: records")
         plain_name(self.name, "source name")
         if self.split not in ("file", "blank_lines", "lines"):
             raise LmforgeError(

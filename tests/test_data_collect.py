@@ -295,3 +295,17 @@ def test_collect_and_read_utf8_text_share_one_binary_sniffer(tmp_path):
     docs, stats = collect([outside])
     assert len(docs) == 1 and stats.counts["skipped_binary"] == 0
     assert read_utf8_text(outside).endswith("\x00")
+
+
+def test_a_record_slice_keeps_held_out_records_out(tmp_path):
+    (tmp_path / "r.jsonl").write_text(
+        "".join(json.dumps({"text": f"r{i}"}) + "\n" for i in range(10))
+    )
+    (tmp_path / "r.json").write_text(json.dumps([{"text": f"r{i}"} for i in range(10)]))
+    for name in ("r.jsonl", "r.json"):
+        docs, _ = collect([tmp_path / name], records=":7")
+        assert [d.text for d in docs] == [f"r{i}" for i in range(7)]
+        docs, _ = collect([tmp_path / name], records="8:")
+        assert [d.text for d in docs] == ["r8", "r9"]
+    with pytest.raises(LmforgeError, match="records"):
+        collect([tmp_path / "r.json"], records="-1:")

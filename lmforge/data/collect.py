@@ -14,6 +14,7 @@ import csv
 import glob
 import gzip
 import io
+import itertools
 import json
 from collections import Counter
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from lmforge.common import LmforgeError
-from lmforge.config import FetchConfig, SourceConfig
+from lmforge.config import FetchConfig, SourceConfig, record_slice
 from lmforge.data.fetch import UrlFetcher
 from lmforge.fileio import SNIFF_BYTES, looks_binary
 
@@ -156,14 +157,18 @@ def _read_file(path: Path, src: SourceConfig, stats: CollectStats) -> Iterator[D
                 return
             stream = io.BufferedReader(_Prefixed(head, f)) if fmt != ".parquet" else None
             stats.counts["files"] += 1
+            records = None
             if fmt == ".parquet":
-                yield from _parquet(path, compression, src, stats)
+                records = _parquet(path, compression, src, stats)
             elif fmt == ".jsonl":
-                yield from _jsonl(stream, src, stats, where)
+                records = _jsonl(stream, src, stats, where)
             elif fmt == ".json":
-                yield from _json(stream, src, stats, where)
+                records = _json(stream, src, stats, where)
             elif fmt == ".csv":
-                yield from _csv(stream, src, stats, where)
+                records = _csv(stream, src, stats, where)
+            if records is not None:
+                wanted = record_slice(src.records, f"source {src.name!r}: records")
+                yield from itertools.islice(records, wanted.start, wanted.stop)
             elif fmt in (".html", ".htm"):
                 text = _decode(stream.read(), src, where, stats)
                 if text is not None:
