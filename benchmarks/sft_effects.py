@@ -82,21 +82,23 @@ def main() -> None:
         for method in args.methods.split(","):
             results[method] = run_sft(method, args, Path(tmp))
             print(f"done: {method} {results[method]}", flush=True)
-    base = next(iter(results.values()))
+    base = results.get("none") or next(iter(results.values()))  # full SFT's step 0 is the base
     print(
         f"\nbase (step 0): held-out response loss {base['base_loss']:.4f}, end-of-turn rate {base['base_end']:.0%}"
     )
+    print("(prefix and P-tuning start from a random prefix: their own step-0 loss is in brackets)")
     print(
-        "| method | trainable | val_loss | reduction vs base | end rate | weights file MB | peak RSS MB | ms/step |"
+        "| method | trainable | val_loss (step 0) | reduction vs base | end rate | weights MB | peak RSS MB | ms/step |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     full_drop = None
     for method, r in results.items():
-        drop = (r["base_loss"] - r["loss"]) / r["base_loss"]
+        drop = (base["base_loss"] - r["loss"]) / base["base_loss"]
         full_drop = drop if method == "none" else full_drop
         vs_full = f" ({drop / full_drop:.0%} of full)" if full_drop and method != "none" else ""
         print(
-            f"| {'full SFT' if method == 'none' else method} | {r['share']} | {r['loss']:.4f} | "
+            f"| {'full SFT' if method == 'none' else method} | {r['share']} | {r['loss']:.4f} "
+            f"({r['base_loss']:.4f}) | "
             f"{drop:.1%}{vs_full} | {r['end']:.0%} | {r['file_mb']:.2f} | {r['peak_mb']:.0f} | {r['step_ms']:.0f} |"
         )
 

@@ -295,9 +295,10 @@ class PeftConfig:
     'attn.*', '*.mlp.proj'); a pattern without '*' matches names ending with it."""
     num_virtual_tokens: int = 16
     """prefix: learned key/value positions per layer; ptuning: learned input embeddings."""
-    encoder_hidden: int = 128
+    encoder_hidden: int = 16
     """prefix/ptuning: hidden size of the reparametrisation MLP (ptuning: of the prompt encoder)
-    used during training and folded into plain parameters when saved."""
+    used during training and folded into plain parameters when saved. Its parameters train,
+    so it sets most of the trainable share (16: under 1% of a 5.5M-parameter model)."""
     encoder: str = "mlp"
     """ptuning: the prompt encoder, mlp or lstm."""
 
