@@ -316,12 +316,36 @@ class PeftConfig:
 
 
 @dataclass
+class ClassifyConfig:
+    """Sequence classification (`lmforge classify`): a head on the last real token."""
+
+    text_field: str = "text"
+    """The record field holding the text to classify."""
+    label_field: str = "label"
+    """The record field holding its label."""
+    pairs: str = ""
+    """Turn each record into one example per FIELD=LABEL pair instead, e.g.
+    'chosen=polite,rejected=rude' for preference data."""
+    labels: list[str] = field(default_factory=list)
+    """The label names, in the head's order; filled from the training data (a checkpoint's
+    config keeps them, which makes lmforge.load return a classifier)."""
+    freeze_base: bool = False
+    """Train only the head (transfer learning); the base model stays as it was."""
+
+    def __post_init__(self) -> None:
+        for item in filter(None, self.pairs.split(",")):
+            if "=" not in item:
+                raise LmforgeError(f"classify.pairs item {item!r} must look like FIELD=LABEL")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
 
 
 # ---------------------------------------------------------------- `lmforge prepare`'s tree

@@ -246,9 +246,13 @@ def test_trainable_shares_by_hand():
 
     kv = L * 2 * 2 * 16  # every layer's keys and values
     prefix = P * d + (d * H + H) + (H * kv + kv)  # embeddings, MLP d -> H -> kv
-    module = apply_peft(make_model(preset="llama-tiny"), PeftConfig(method="prefix", encoder_hidden=H))
+    module = apply_peft(
+        make_model(preset="llama-tiny"), PeftConfig(method="prefix", encoder_hidden=H)
+    )
     assert trainable_share(module) == (prefix, base + prefix) == (25_856, 132_800)
 
     ptuning = P * d + (d * H + H) + (H * d + d)  # embeddings, MLP d -> H -> d
-    module = apply_peft(make_model(preset="llama-tiny"), PeftConfig(method="ptuning", encoder_hidden=H))
+    module = apply_peft(
+        make_model(preset="llama-tiny"), PeftConfig(method="ptuning", encoder_hidden=H)
+    )
     assert trainable_share(module) == (ptuning, base + ptuning) == (17_600, 124_544)

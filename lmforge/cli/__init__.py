@@ -16,6 +16,7 @@ from lmforge.common import LmforgeError
 VERBS: dict[str, tuple[str, str]] = {
     "train": ("lmforge.cli.train", "pretrain a model (no arguments: the default Shakespeare job)"),
     "sft": ("lmforge.cli.sft", "instruction-tune a checkpoint on conversations (any PEFT method)"),
+    "classify": ("lmforge.cli.classify", "train a sequence classifier head on a checkpoint"),
     "generate": ("lmforge.cli.generate", "generate text from a checkpoint"),
     "export": ("lmforge.cli.export", "export a checkpoint to Hugging Face format"),
     "import": ("lmforge.cli.import_hf", "import a Hugging Face model folder as a checkpoint"),

@@ -13,7 +13,7 @@ the data of a step depends only on the seed and the step count.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -60,6 +60,12 @@ def pack_collate(
     return {"input_ids": ids, "labels": labels, **segment_masks(segments)}
 
 
+def pad_examples(examples: Sequence[Any], pad_id: int) -> dict[str, torch.Tensor]:
+    """Language-model examples (input_ids, labels) right-padded into one batch."""
+    rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+    return pad_collate(rows, pad_id)
+
+
 class ExampleLoader:
     def __init__(
         self,
@@ -71,8 +77,10 @@ class ExampleLoader:
         rank: int = 0,
         world_size: int = 1,
         packed: bool = False,
+        pad: Callable[[list, int], dict[str, torch.Tensor]] | None = None,
     ):
         self.examples = list(examples)
+        self.pad = pad or pad_examples  # how a bucketed micro-batch is padded
         self.lengths = [len(e.input_ids) for e in self.examples]
         self.micro_batch_size, self.block_size, self.pad_id = micro_batch_size, block_size, pad_id
         self.seed, self.rank, self.world_size, self.packed = seed, rank, world_size, packed
@@ -94,11 +102,7 @@ class ExampleLoader:
         if self.packed:
             rows = [[self.examples[i] for i in window] for window in group]
             return pack_collate(rows, self.block_size, self.pad_id)
-        rows = [
-            {"input_ids": self.examples[i].input_ids, "labels": self.examples[i].labels}
-            for i in group
-        ]
-        return pad_collate(rows, self.pad_id)
+        return self.pad([self.examples[i] for i in group], self.pad_id)
 
     def next_step(self, accum_steps: int = 1) -> list[dict[str, torch.Tensor]]:
         n = accum_steps * self.world_size
@@ -121,11 +125,7 @@ class ExampleLoader:
         groups = [list(range(i, min(i + self.micro_batch_size, len(self.examples))))
                   for i in range(0, len(self.examples), self.micro_batch_size)]  # fmt: skip
         for group in groups[self.rank :: self.world_size]:
-            rows = [
-                {"input_ids": self.examples[i].input_ids, "labels": self.examples[i].labels}
-                for i in group
-            ]
-            yield pad_collate(rows, self.pad_id)
+            yield self.pad([self.examples[i] for i in group], self.pad_id)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -21,7 +21,14 @@ from lmforge.common import LmforgeError
 from lmforge.config import Config, build_config, save_config
 from lmforge.fileio import atomic_folder, atomic_write_text, contained
 from lmforge.model.gpt import GPT
-from lmforge.model.peft import ADAPTER_WEIGHTS, load_adapter, merge_lora, write_adapter
+from lmforge.model.heads import SequenceClassifier
+from lmforge.model.peft import (
+    ADAPTER_WEIGHTS,
+    apply_peft,
+    load_adapter,
+    merge_lora,
+    write_adapter,
+)
 from lmforge.tokenizer import Tokenizer, load_tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -46,7 +53,7 @@ def save_checkpoint(
     weights' sha256) and, for resume, the trainable parameters as they train."""
     folder = Path(folder)
     with atomic_folder(folder) as tmp:
-        if cfg.peft.method == "none":
+        if cfg.peft.method == "none" or cfg.classify.labels:  # classifiers: every weight
             save_model(model, str(tmp / WEIGHTS))
         else:
             base_hash = weights_sha256(resolve_checkpoint(cfg.run.base))
@@ -156,10 +163,15 @@ def load(
             load_tokenizer(folder / TOKENIZER) if (folder / TOKENIZER).is_dir() else base_tokenizer
         )
         return module.to(device).eval(), tokenizer
+    tokenizer = load_tokenizer(folder / TOKENIZER) if (folder / TOKENIZER).is_dir() else None
+    if cfg.classify.labels:  # a sequence classifier: its backbone (any PEFT) and head
+        classifier = SequenceClassifier(apply_peft(GPT(cfg.model), cfg.peft), cfg.classify.labels)
+        load_weights(classifier, folder)
+        classifier.tokenizer = tokenizer
+        return classifier.to(device).eval(), tokenizer
     with torch.device("meta"):
         model = GPT(cfg.model)
     load_weights(model, folder, assign=True)
-    tokenizer = load_tokenizer(folder / TOKENIZER) if (folder / TOKENIZER).is_dir() else None
     return model.to(device).eval(), tokenizer
 
 

@@ -55,3 +55,17 @@ class CausalLMLoss:
             reduction="sum",
         )
         return loss, {"tokens": batch["input_ids"].numel()}
+
+
+class ClassificationLoss:
+    """Cross-entropy of a sequence classifier (B, C) against batch["label"] (B,), summed over
+    examples; metrics["accuracy"] counts the correct ones (logged as the accuracy)."""
+
+    def units(self, batch: Batch) -> torch.Tensor:
+        return torch.tensor(batch["label"].numel())
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])  # (B, C)
+        loss = F.cross_entropy(logits.float(), batch["label"], reduction="sum")
+        correct = (logits.argmax(-1) == batch["label"]).sum()
+        return loss, {"tokens": batch["attention_mask"].sum(), "accuracy": correct}

@@ -45,6 +45,8 @@ _PRINTED = {
     "val_loss": ".4f",
     "val_bpb": ".4f",
     "val_end_rate": ".1%",
+    "val_accuracy": ".1%",
+    "val_f1": ".3f",
     "lr": ".2e",
     "grad_norm": ".4f",
     "tokens_per_s": ".0f",

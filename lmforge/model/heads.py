@@ -1,0 +1,63 @@
+"""Heads that read a decoder's hidden states instead of its vocabulary logits: sequence
+classification here (reward and value heads are the same shape), pooled on the last real
+token, the only one that has seen the whole text under causal attention."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def last_token_index(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
+    """(B,) index of each row's last real token, for left or right padding (mask (B, T), 1 on
+    real tokens); the last position when there is no mask."""
+    if attention_mask is None:
+        return torch.full((batch,), length - 1, dtype=torch.long)
+    positions = torch.arange(1, length + 1, device=attention_mask.device)  # (T,)
+    return (attention_mask.long() * positions).argmax(dim=-1)  # the largest real position
+
+
+class SequenceClassifier(nn.Module):
+    """A backbone (a GPT, or a PEFT module around one) + a linear head on the last real
+    token's final hidden state -> (B, n_labels) logits."""
+
+    def __init__(self, backbone: nn.Module, labels: list[str]):
+        super().__init__()
+        self.backbone = backbone
+        self.labels = list(labels)
+        self.config = backbone.config
+        self.head = nn.Linear(self.config.d_model, len(self.labels))
+        nn.init.normal_(self.head.weight, std=self.config.init_std)
+        nn.init.zeros_(self.head.bias)
+        self.tokenizer = None  # set by lmforge.load, for predict()
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        hidden = self.backbone(
+            input_ids, attention_mask=attention_mask, return_hidden=True
+        )  # (B, T, d)
+        B, T = input_ids.shape
+        last = last_token_index(attention_mask, B, T).to(hidden.device)  # (B,)
+        return self.head(hidden[torch.arange(B, device=hidden.device), last])  # (B, C)
+
+    @torch.no_grad()
+    def predict(self, texts: list[str], batch_size: int = 32) -> list[str]:
+        """The most likely label of each text (needs the tokenizer lmforge.load attaches)."""
+        from lmforge.data.classify import encode_text, pad_batch
+
+        if self.tokenizer is None:
+            raise ValueError("no tokenizer attached: load the classifier with lmforge.load")
+        was_training = self.training
+        self.eval()
+        out: list[str] = []
+        for i in range(0, len(texts), batch_size):
+            ids = [
+                encode_text(self.tokenizer, t, self.config.block_size)
+                for t in texts[i : i + batch_size]
+            ]
+            batch = pad_batch(ids, [0] * len(ids), self.tokenizer.pad_id or 0)
+            logits = self(batch["input_ids"], batch["attention_mask"])
+            out += [self.labels[j] for j in logits.argmax(-1).tolist()]
+        self.train(was_training)
+        return out

@@ -1,0 +1,113 @@
+"""Sequence classification: last-real-token pooling under any padding, held-out splits with no
+shared text, `lmforge classify` end to end (full, frozen base), loading for predict(), bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmforge
+from lmforge.cli import main
+from lmforge.config import ClassifyConfig, build_config, model_config
+from lmforge.data.classify import load_labelled
+from lmforge.model.gpt import GPT
+from lmforge.model.heads import SequenceClassifier
+from lmforge.tokenizer import train_bpe
+from lmforge.train.checkpoint import save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFS = json.loads((ROOT / "lmforge" / "assets" / "preferences.json").read_text())[:150]
+PAIRS = "chosen=polite,rejected=rude"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_bpe([r["chosen"] + " " + r["rejected"] for r in PREFS], vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def base(tok, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("base") / "ckpt"
+    overrides = dict(preset="llama-tiny", vocab_size=tok.vocab_size, block_size=128)
+    torch.manual_seed(0)
+    save_checkpoint(folder, GPT(model_config(**overrides)), build_config({"model": overrides}), tok)
+    return folder
+
+
+def test_the_head_pools_the_last_real_token_under_left_or_right_padding():
+    torch.manual_seed(0)
+    model = SequenceClassifier(
+        GPT(model_config(preset="llama-tiny", vocab_size=65)), ["a", "b", "c"]
+    ).eval()
+    text = torch.tensor([[5, 9, 2, 44, 7]])
+    alone = model(text)
+    pad = torch.zeros(1, 3, dtype=torch.long)
+    right = model(torch.cat([text, pad], 1), torch.tensor([[1] * 5 + [0] * 3]))
+    left = model(torch.cat([pad, text], 1), torch.tensor([[0] * 3 + [1] * 5]))
+    assert (right - alone).abs().max() <= 1e-5 and (left - alone).abs().max() <= 1e-5
+
+
+def test_no_text_is_in_both_splits_and_the_last_records_are_held_out(tok, tmp_path):
+    path = tmp_path / "p.json"
+    records = PREFS[:40] + [PREFS[0]]  # the first record again, now in the held-out tail
+    path.write_text(json.dumps(records))
+    cfg = ClassifyConfig(pairs=PAIRS)
+    train, val, labels = load_labelled(tok, str(path), 0.1, "", cfg, 128)
+    assert labels == ["polite", "rude"]
+    assert len(val) == 2 * 4  # the last 4 records, two texts each
+    assert not {e.text for e in train} & {e.text for e in val}
+    assert len(train) == 2 * 37 - 2  # record 0's texts were dropped from training
+
+
+def _run(base: Path, data: Path, tmp_path: Path, name: str, *extra: str) -> int:
+    argv = [
+        "classify", "--base", str(base), "--data", str(data), f"--classify.pairs={PAIRS}",
+        f"--run.dir={tmp_path}", f"--run.name={name}", "--train.max_steps=30", "--train.lr=3e-3",
+        "--train.eval_interval=30", "--train.micro_batch_size=16", "--run.tensorboard=false",
+        "--train.precision=fp32", *extra,
+    ]  # fmt: skip
+    return main(argv)
+
+
+def test_classify_trains_evaluates_and_loads_as_a_predictor(base, tmp_path, capsys):
+    data = tmp_path / "prefs.json"
+    data.write_text(json.dumps(PREFS))
+    assert _run(base, data, tmp_path, "full") == 0, capsys.readouterr().err
+    rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 30]
+    assert all(0 <= r["val_accuracy"] <= 1 and 0 <= r["val_f1"] <= 1 for r in evals)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]  # it learns (a random base: slowly)
+    matrix = json.loads((tmp_path / "full" / "confusion.json").read_text())
+    assert sum(map(sum, matrix["rows_true_columns_predicted"])) == 2 * 15
+    classifier, _ = lmforge.load(tmp_path / "full")
+    assert isinstance(classifier, SequenceClassifier)
+    assert set(classifier.predict([PREFS[-1]["chosen"], PREFS[-1]["rejected"]])) <= {
+        "polite",
+        "rude",
+    }
+
+
+def test_freeze_base_trains_only_the_head(base, tmp_path, capsys):
+    data = tmp_path / "prefs.json"
+    data.write_text(json.dumps(PREFS[:60]))
+    assert _run(base, data, tmp_path, "frozen", "--freeze-base", "--train.max_steps=3") == 0
+    assert "base frozen" in capsys.readouterr().out
+    classifier, _ = lmforge.load(tmp_path / "frozen")
+    base_model, _ = lmforge.load(base)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(classifier.backbone.state_dict().values(), base_model.state_dict().values())
+    )
+
+
+def test_a_label_set_with_one_class_is_one_line(base, tmp_path, capsys):
+    data = tmp_path / "one.json"
+    data.write_text(json.dumps([{"text": f"text {i}", "label": "same"} for i in range(20)]))
+    argv = ["classify", "--base", str(base), "--data", str(data), f"--run.dir={tmp_path}"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "two or more classes" in err
