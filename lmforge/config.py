@@ -326,6 +326,10 @@ class ClassifyConfig:
     pairs: str = ""
     """Turn each record into one example per FIELD=LABEL pair instead, e.g.
     'chosen=polite,rejected=rude' for preference data."""
+    unless_equal_to: str = ""
+    """With pairs: skip a pair's text when it equals this field of its record. In the bundled
+    preferences one answer of each pair is the neutral original (`output`) and only the other
+    was made polite or rude, so the originals carry no sign of their label."""
     labels: list[str] = field(default_factory=list)
     """The label names, in the head's order; filled from the training data (a checkpoint's
     config keeps them, which makes lmforge.load return a classifier)."""

@@ -111,3 +111,31 @@ def test_a_label_set_with_one_class_is_one_line(base, tmp_path, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "two or more classes" in err
+
+
+def test_the_neutral_original_of_an_edited_pair_can_be_left_out(tok, tmp_path):
+    path = tmp_path / "p.json"
+    records = []
+    for i in range(10):
+        records += [
+            {
+                "chosen": f"Could you please pass {i}?",
+                "rejected": f"Pass {i}.",
+                "output": f"Pass {i}.",
+            },
+            {
+                "chosen": f"It is {i}.",
+                "rejected": f"It is {i}, obviously.",
+                "output": f"It is {i}.",
+            },
+        ]
+    path.write_text(json.dumps(records))
+    cfg = ClassifyConfig(pairs=PAIRS, unless_equal_to="output")
+    train, val, labels = load_labelled(tok, str(path), 0.1, "", cfg, 128)
+    texts = {(e.text, labels[e.label]) for e in train + val}
+    assert len(texts) == 20  # one edited text per record; the originals are left out
+    assert ("Could you please pass 3?", "polite") in texts and (
+        "It is 3, obviously.",
+        "rude",
+    ) in texts
+    assert not any(t in {"Pass 3.", "It is 3."} for t, _ in texts)

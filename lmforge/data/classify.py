@@ -3,7 +3,8 @@ split by record, and padded batches.
 
 Records hold a text field and a label field, or, with `classify.pairs`
 ('chosen=polite,rejected=rude'), give one example per named field (preference data as a
-polite-vs-rude task). The last `val_fraction` of *records* is held out before pairs are
+polite-vs-rude task), optionally skipping texts equal to another field of their record
+(`classify.unless_equal_to`: the neutral original of an edited pair). The last `val_fraction` of *records* is held out before pairs are
 expanded, and any text that also occurs in the held-out split is dropped from training, so
 no text is on both sides.
 """
@@ -42,6 +43,9 @@ def labelled(records: list, cfg, where: str) -> list[tuple[str, str]]:
                 raise LmforgeError(
                     f"{where} record {i}: missing field {missing!r} (has {sorted(record)})"
                 )
+            neutral = record.get(cfg.unless_equal_to) if cfg.unless_equal_to else None
+            if isinstance(neutral, str) and text.strip() == neutral.strip():
+                continue  # the unedited original of a pair: no sign of its label
             out.append((text, str(label)))
     return out
 
