@@ -76,7 +76,7 @@ def _flat(model: torch.nn.Module) -> torch.Tensor:
 
 
 def test_accumulation_equals_full_batch(text_file, tmp_path):
-    tokens = torch.randint(0, 65, (5000,))
+    tokens = torch.randint(0, 65, (5000,), generator=torch.Generator().manual_seed(0))
     results = []
     for micro, accum in ((8, 1), (2, 4)):
         cfg = tiny_cfg(text_file, tmp_path, micro_batch_size=micro, grad_accum_steps=accum)
@@ -88,7 +88,7 @@ def test_accumulation_equals_full_batch(text_file, tmp_path):
         assert not torch.equal(results[-1], initial)  # it trained
     full, accumulated = results
     rel = (full - accumulated).norm() / full.norm()
-    assert rel <= 1e-6, rel
+    assert rel <= 5e-6, rel  # fp32 sums in another order: ~1e-6 after 3 AdamW steps
 
 
 class FixedLoader:

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
-from lmforge.cli.options import add_config_options, config_overrides, resume_config
-from lmforge.common import LmforgeError
-from lmforge.config import build_config, describe_keys
-from lmforge.train import checkpoint as ckpt
+from lmforge.cli.options import add_run_options, config_overrides, post_training_config
 
 CLASSIFY_DEFAULTS = {
     "data": {"sampling": "bucketed"},
@@ -26,36 +22,21 @@ CLASSIFY_DEFAULTS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
-    parser.add_argument("--base", metavar="CKPT", help="checkpoint or run folder to start from")
     parser.add_argument("--data", metavar="FILE", help="json/jsonl records with a text and a label")
     parser.add_argument("--text-field", help="the records' text field (classify.text_field)")
     parser.add_argument("--label-field", help="the records' label field (classify.label_field)")
     parser.add_argument("--freeze-base", action="store_true", help="train only the head")
-    parser.add_argument("--config", metavar="FILE.yaml", help="a YAML recipe")
-    parser.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue a run exactly where it stopped"
-    )
-    add_config_options(parser, describe_keys())
+    add_run_options(parser, base=True)
 
 
 def run(args: argparse.Namespace) -> int:
     from lmforge.recipes.classify import classify
 
     overrides = config_overrides(args)
-    for flag, key in ((args.base, "run.base"), (args.data, "data.path"),
+    for flag, key in ((args.data, "data.path"),
                       (args.text_field, "classify.text_field"), (args.label_field, "classify.label_field")):  # fmt: skip
         overrides += [f"--{key}={flag}"] if flag else []
     overrides += ["--classify.freeze_base=true"] if args.freeze_base else []
-    if args.resume:
-        classify(resume_config(args.resume, overrides), resume=args.resume)
-        return 0
-    if not args.base:
-        raise LmforgeError("lmforge classify needs --base CKPT (a checkpoint or run folder)")
-    base_model = ckpt.load_checkpoint_config(ckpt.resolve_checkpoint(args.base)).model
-    layers = [
-        {"model": dataclasses.asdict(base_model)},
-        CLASSIFY_DEFAULTS,
-        *([args.config] if args.config else []),
-    ]
-    classify(build_config(*layers, overrides=overrides))
+    cfg, resume = post_training_config(args, overrides, CLASSIFY_DEFAULTS)
+    classify(cfg, resume=resume)
     return 0

@@ -11,6 +11,20 @@ from typing import Any
 from lmforge.common import LmforgeError
 
 
+def add_run_options(parser: argparse.ArgumentParser, base: bool = False) -> None:
+    """What every training verb takes besides config keys: --config and --resume; post-training
+    verbs (base=True) also --base CKPT."""
+    if base:
+        parser.add_argument("--base", metavar="CKPT", help="checkpoint or run folder to start from")
+    parser.add_argument("--config", metavar="FILE.yaml", help="a YAML recipe (see configs/)")
+    parser.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a run exactly where it stopped"
+    )
+    from lmforge.config import describe_keys
+
+    add_config_options(parser, describe_keys())
+
+
 def add_config_options(parser: argparse.ArgumentParser, keys: list[tuple[str, Any, str]]) -> None:
     """One `--section.key` option per (key, default, doc) row; unknown `--x.y=v` arguments are
     passed on too, so the config can name the valid key the user meant."""
@@ -52,3 +66,25 @@ def resume_config(run_dir: str | Path, overrides: list[str]):
             "(expected config.yaml and checkpoints/latest)"
         )
     return build_config(run_dir / "config.yaml", overrides=overrides)
+
+
+def post_training_config(args: argparse.Namespace, overrides: list[str], defaults: dict):
+    """(config, run folder to resume or None) of a post-training verb: a resumed run's own
+    config, else the base checkpoint's model section <- the verb's defaults <- --config <-
+    overrides (--base is run.base)."""
+    import dataclasses
+
+    from lmforge.config import build_config
+    from lmforge.train import checkpoint as ckpt
+
+    if args.resume:
+        return resume_config(args.resume, overrides), args.resume
+    if not args.base:
+        raise LmforgeError(f"lmforge {args.verb} needs --base CKPT (a checkpoint or run folder)")
+    base_model = ckpt.load_checkpoint_config(ckpt.resolve_checkpoint(args.base)).model
+    layers = [
+        {"model": dataclasses.asdict(base_model)},
+        defaults,
+        *([args.config] if args.config else []),
+    ]
+    return build_config(*layers, overrides=[f"--run.base={args.base}", *overrides]), None

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
-from lmforge.cli.options import add_config_options, config_overrides, resume_config
-from lmforge.common import LmforgeError
-from lmforge.config import build_config, describe_keys
-from lmforge.train import checkpoint as ckpt
+from lmforge.cli.options import add_run_options, config_overrides, post_training_config
 
 SFT_DEFAULTS = {
     "data": {"sampling": "bucketed"},
@@ -28,35 +24,19 @@ on batches of whole conversations."""
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
-    parser.add_argument("--base", metavar="CKPT", help="checkpoint or run folder to start from")
     parser.add_argument(
         "--data",
         metavar="FILE",
         help="json/jsonl of conversations (messages, alpaca, prompt/completion)",
     )
-    parser.add_argument("--config", metavar="FILE.yaml", help="a YAML recipe (see configs/)")
-    parser.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue a run exactly where it stopped"
-    )
-    add_config_options(parser, describe_keys())
+    add_run_options(parser, base=True)
 
 
 def run(args: argparse.Namespace) -> int:
     from lmforge.recipes.sft import sft
 
     overrides = config_overrides(args)
-    overrides += [f"--run.base={args.base}"] if args.base else []
     overrides += [f"--data.path={args.data}"] if args.data else []
-    if args.resume:
-        sft(resume_config(args.resume, overrides), resume=args.resume)
-        return 0
-    if not args.base:
-        raise LmforgeError("lmforge sft needs --base CKPT (a checkpoint or run folder)")
-    base_model = ckpt.load_checkpoint_config(ckpt.resolve_checkpoint(args.base)).model
-    layers = [
-        {"model": dataclasses.asdict(base_model)},
-        SFT_DEFAULTS,
-        *([args.config] if args.config else []),
-    ]
-    sft(build_config(*layers, overrides=overrides))
+    cfg, resume = post_training_config(args, overrides, SFT_DEFAULTS)
+    sft(cfg, resume=resume)
     return 0

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from lmforge.cli.options import add_config_options, config_overrides, resume_config
-from lmforge.config import build_config, describe_keys
+from lmforge.cli.options import add_run_options, config_overrides, resume_config
+from lmforge.config import build_config
 from lmforge.recipes.pretrain import train
 
 DEFAULT_JOB = {"train": {"max_minutes": 5.0}}
@@ -14,11 +14,7 @@ time limit that no other run has unless it asks for one."""
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
-    parser.add_argument("--config", metavar="FILE.yaml", help="a YAML recipe (see configs/)")
-    parser.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue a run exactly where it stopped"
-    )
-    add_config_options(parser, describe_keys())
+    add_run_options(parser, base=False)
 
 
 def run(args: argparse.Namespace) -> int:

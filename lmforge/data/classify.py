@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.common import LmforgeError
-from lmforge.data.sft import read_records
+from lmforge.data.sft import split_records
 from lmforge.tokenizer import Tokenizer
 
 
@@ -62,14 +62,7 @@ def load_labelled(
     tokenizer: Tokenizer, path: str, val_fraction: float, val_path: str, cfg, block_size: int
 ):
     """(train, validation, label names): examples with label ids in sorted label order."""
-    records = read_records(path)
-    if val_path:
-        train_records, val_records = records, read_records(val_path)
-    else:
-        n_val = max(1, round(len(records) * val_fraction))
-        if n_val >= len(records):
-            raise LmforgeError(f"{path}: {len(records)} record(s) leave nothing to train on")
-        train_records, val_records = records[:-n_val], records[-n_val:]
+    train_records, val_records = split_records(path, val_fraction, val_path)
     val = labelled(val_records, cfg, val_path or path)
     held_out = {text for text, _ in val}
     train = [(t, label) for t, label in labelled(train_records, cfg, path) if t not in held_out]

@@ -53,6 +53,18 @@ def read_records(path: str | Path) -> list[dict]:
     return records
 
 
+def split_records(path: str, val_fraction: float, val_path: str) -> tuple[list, list]:
+    """(train, validation) records: val_path's records, else the last val_fraction of path's
+    (the project's convention for the bundled instructions and preferences)."""
+    records = read_records(path)
+    if val_path:
+        return records, read_records(val_path)
+    n_val = max(1, round(len(records) * val_fraction))
+    if n_val >= len(records):
+        raise LmforgeError(f"{path}: {len(records)} record(s) leave nothing to train on")
+    return records[:-n_val], records[-n_val:]
+
+
 def to_messages(record: dict, where: str) -> list[dict]:
     """A record of any supported shape -> checked chat messages."""
     if not isinstance(record, dict):
@@ -108,14 +120,7 @@ def load_examples(
 ) -> tuple[list[Example], list[Example], int]:
     """(train, validation, dropped): the last val_fraction of the records is validation unless
     val_path names a file; conversations longer than max_len tokens are dropped (counted)."""
-    records = read_records(path)
-    if val_path:
-        train_records, val_records = records, read_records(val_path)
-    else:
-        n_val = max(1, round(len(records) * val_fraction))
-        if n_val >= len(records):
-            raise LmforgeError(f"{path}: {len(records)} record(s) leave nothing to train on")
-        train_records, val_records = records[:-n_val], records[-n_val:]
+    train_records, val_records = split_records(path, val_fraction, val_path)
     dropped = 0
 
     def examples(recs: list[dict], name: str) -> list[Example]:
