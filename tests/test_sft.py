@@ -250,37 +250,14 @@ def test_export_merge_folds_lora_into_a_plain_checkpoint_and_hf(base, tmp_path, 
 
     run = _lora_run(base, tmp_path)
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "export",
-                "--checkpoint",
-                str(run),
-                "--format",
-                "lmforge",
-                "--out",
-                str(tmp_path / "x"),
-            ]
-        )
-        == 1
-    )
+
+    def export(*argv: str) -> int:
+        return main(["export", "--checkpoint", str(run), *argv])
+
+    assert export("--format", "lmforge", "--out", str(tmp_path / "x")) == 1
     assert "add --merge" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "export",
-                "--checkpoint",
-                str(run),
-                "--format",
-                "lmforge",
-                "--merge",
-                "--out",
-                str(tmp_path / "m"),
-            ]
-        )
-        == 0
-    )
-    assert main(["export", "--checkpoint", str(run), "--merge", "--out", str(tmp_path / "hf")]) == 0
+    assert export("--format", "lmforge", "--merge", "--out", str(tmp_path / "m")) == 0
+    assert export("--merge", "--out", str(tmp_path / "hf")) == 0
     adapted, tok = lmforge.load(run)
     merged, _ = lmforge.load(tmp_path / "m")
     ids = torch.tensor([tok.encode("Name a color.")])
@@ -291,10 +268,8 @@ def test_export_merge_folds_lora_into_a_plain_checkpoint_and_hf(base, tmp_path, 
         assert (hf(ids).logits - merged(ids)).abs().max() <= 1e-4
     prefix_run = _lora_run(base, tmp_path, "prefix")
     capsys.readouterr()
-    assert (
-        main(["export", "--checkpoint", str(prefix_run), "--merge", "--out", str(tmp_path / "p")])
-        == 1
-    )
+    argv = ["export", "--checkpoint", str(prefix_run), "--merge", "--out", str(tmp_path / "p")]
+    assert main(argv) == 1
     assert "only LoRA adapters merge" in capsys.readouterr().err
 
 

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from lmforge.cli.options import add_run_options, config_overrides, post_training_config
+from lmforge.cli.options import (
+    FINE_TUNING_DEFAULTS,
+    add_run_options,
+    config_overrides,
+    post_training_config,
+)
 
 CLASSIFY_DEFAULTS = {
-    "data": {"sampling": "bucketed"},
-    "train": {
-        "max_steps": 300,
-        "micro_batch_size": 16,
-        "lr": 3e-4,
-        "min_lr": 3e-5,
-        "warmup_steps": 20,
-        "weight_decay": 0.0,
-        "eval_interval": 100,
-        "ckpt_interval": 300,
-    },
+    **FINE_TUNING_DEFAULTS,
+    "train": {**FINE_TUNING_DEFAULTS["train"], "max_steps": 300, "ckpt_interval": 300},
 }
 
 

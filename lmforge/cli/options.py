@@ -68,6 +68,23 @@ def resume_config(run_dir: str | Path, overrides: list[str]):
     return build_config(run_dir / "config.yaml", overrides=overrides)
 
 
+FINE_TUNING_DEFAULTS = {
+    "data": {"sampling": "bucketed"},
+    "train": {
+        "max_steps": 400,
+        "micro_batch_size": 16,
+        "lr": 3e-4,
+        "min_lr": 3e-5,
+        "warmup_steps": 20,
+        "weight_decay": 0.0,
+        "eval_interval": 100,
+        "ckpt_interval": 200,
+    },
+}
+"""Where post-training differs from pretraining's defaults: a short run at a lower learning
+rate on batches of whole examples, bucketed by length."""
+
+
 def post_training_config(args: argparse.Namespace, overrides: list[str], defaults: dict):
     """(config, run folder to resume or None) of a post-training verb: a resumed run's own
     config, else the base checkpoint's model section <- the verb's defaults <- --config <-

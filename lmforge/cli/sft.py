@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from lmforge.cli.options import add_run_options, config_overrides, post_training_config
-
-SFT_DEFAULTS = {
-    "data": {"sampling": "bucketed"},
-    "train": {
-        "max_steps": 400,
-        "micro_batch_size": 16,
-        "lr": 3e-4,
-        "min_lr": 3e-5,
-        "warmup_steps": 20,
-        "weight_decay": 0.0,
-        "eval_interval": 100,
-        "ckpt_interval": 200,
-    },
-}
-"""Where fine-tuning differs from pretraining's defaults: a short run at a lower learning rate
-on batches of whole conversations."""
+from lmforge.cli.options import (
+    FINE_TUNING_DEFAULTS,
+    add_run_options,
+    config_overrides,
+    post_training_config,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -37,6 +26,6 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = config_overrides(args)
     overrides += [f"--data.path={args.data}"] if args.data else []
-    cfg, resume = post_training_config(args, overrides, SFT_DEFAULTS)
+    cfg, resume = post_training_config(args, overrides, FINE_TUNING_DEFAULTS)
     sft(cfg, resume=resume)
     return 0
