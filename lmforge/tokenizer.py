@@ -2,8 +2,8 @@
 
 Every tokenizer has `encode(str) -> list[int]`, `encode_batch(list[str])`, `decode(list[int])
 -> str`, `vocab_size`, `eot_id` (the end-of-sequence id, None when there is none), `bos_id`
-(None when there is none), `add_bos` (encode prepends bos_id), `stop_ids` (eot_id plus any
-other ids that end generation) and `save(folder)`; `load_tokenizer(folder)` reads any of them
+(None when there is none), `pad_id` (None when there is none), `add_bos` (encode prepends
+bos_id), `stop_ids` (eot_id plus any other ids that end generation) and `save(folder)`; `load_tokenizer(folder)` reads any of them
 back, including a GPT-2 `encoder.json` + `vocab.bpe` pair. `train_bpe` trains a byte-level BPE
 (GPT-2's pre-tokenisation, no normaliser, so every Unicode string round-trips exactly) with
 lmforge's special tokens.
@@ -50,6 +50,7 @@ class CharTokenizer:
 
     kind = "char"
     bos_id = None
+    pad_id = None
     add_bos = False
 
     def __init__(self, chars: list[str], with_eot: bool = False):
@@ -96,6 +97,7 @@ class ByteTokenizer:
     eot_id = 256
     stop_ids = (256,)
     bos_id = None
+    pad_id = None
     add_bos = False
 
     def encode(self, text: str) -> list[int]:

@@ -11,12 +11,11 @@ import torch
 
 import lmforge
 from lmforge.cli import main
-from lmforge.config import ClassifyConfig, build_config, model_config
+from lmforge.config import ClassifyConfig, model_config
 from lmforge.data.classify import load_labelled
 from lmforge.model.gpt import GPT
 from lmforge.model.heads import SequenceClassifier
 from lmforge.tokenizer import train_bpe
-from lmforge.train.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFS = json.loads((ROOT / "lmforge" / "assets" / "preferences.json").read_text())[:150]
@@ -29,12 +28,8 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def base(tok, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("base") / "ckpt"
-    overrides = dict(preset="llama-tiny", vocab_size=tok.vocab_size, block_size=128)
-    torch.manual_seed(0)
-    save_checkpoint(folder, GPT(model_config(**overrides)), build_config({"model": overrides}), tok)
-    return folder
+def base(tok, tmp_path_factory, save_base) -> Path:
+    return save_base(tmp_path_factory.mktemp("base") / "ckpt", tok, block_size=128)
 
 
 def test_the_head_pools_the_last_real_token_under_left_or_right_padding():
@@ -139,3 +134,18 @@ def test_the_neutral_original_of_an_edited_pair_can_be_left_out(tok, tmp_path):
         "rude",
     ) in texts
     assert not any(t in {"Pass 3.", "It is 3."} for t, _ in texts)
+
+
+def test_a_base_with_a_char_tokenizer_classifies_too(tmp_path, capsys, save_base):
+    from lmforge.tokenizer import CharTokenizer
+
+    texts = [r["chosen"] for r in PREFS[:40]] + [r["rejected"] for r in PREFS[:40]]
+    tok = CharTokenizer.from_text("".join(texts))  # no pad token: padding uses id 0, masked
+    save_base(tmp_path / "c", tok, preset="tiny", block_size=128)
+    data = tmp_path / "prefs.json"
+    data.write_text(json.dumps(PREFS[:40]))
+    assert _run(tmp_path / "c", data, tmp_path, "char", "--train.max_steps=2") == 0, (
+        capsys.readouterr().err
+    )
+    classifier, _ = lmforge.load(tmp_path / "char")
+    assert len(classifier.predict(texts[:3])) == 3
