@@ -10,13 +10,12 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.config import build_config, model_config
+from lmforge.config import model_config
 from lmforge.data.example_loader import ExampleLoader, pack_collate, pack_windows
 from lmforge.data.packing import pad_collate
 from lmforge.data.sft import to_example, to_messages
 from lmforge.model.gpt import GPT
 from lmforge.tokenizer import END_TURN, train_bpe
-from lmforge.train.checkpoint import save_checkpoint
 from lmforge.train.losses import CausalLMLoss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,12 +29,8 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def base(tok, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("base") / "ckpt"
-    overrides = dict(preset="llama-tiny", vocab_size=tok.vocab_size, block_size=256)
-    torch.manual_seed(0)
-    save_checkpoint(folder, GPT(model_config(**overrides)), build_config({"model": overrides}), tok)
-    return folder
+def base(tok, tmp_path_factory, save_base) -> Path:
+    return save_base(tmp_path_factory.mktemp("base") / "ckpt", tok, block_size=256)
 
 
 def test_record_shapes_map_to_conversations():
@@ -157,12 +152,10 @@ def test_bad_sft_data_is_one_line(base, tmp_path, capsys, records, message):
     assert len(err.splitlines()) == 1 and message in err, err
 
 
-def test_sft_needs_a_base_with_chat_tokens(tmp_path, capsys):
+def test_sft_needs_a_base_with_chat_tokens(tmp_path, capsys, save_base):
     from lmforge.tokenizer import CharTokenizer
 
-    tok = CharTokenizer.from_text("abc def")
-    save_checkpoint(tmp_path / "c", GPT(model_config(preset="tiny", vocab_size=tok.vocab_size)),
-                    build_config({"model": {"preset": "tiny", "vocab_size": tok.vocab_size}}), tok)  # fmt: skip
+    save_base(tmp_path / "c", CharTokenizer.from_text("abc def"), preset="tiny")
     argv = ["sft", "--base", str(tmp_path / "c"), "--data", str(_records(tmp_path, RECORDS[:20]))]
     assert main([*argv, f"--run.dir={tmp_path}"]) == 1
     assert "cannot render conversations" in capsys.readouterr().err
@@ -207,7 +200,7 @@ def test_peft_sft_writes_adapter_checkpoints_that_load_and_resume(base, tmp_path
     assert losses(resumed) == losses(rows)
 
 
-def test_an_adapter_on_the_wrong_base_is_refused(base, tok, tmp_path, capsys):
+def test_an_adapter_on_the_wrong_base_is_refused(base, tok, tmp_path, capsys, save_base):
     import shutil
 
     import lmforge
@@ -221,11 +214,7 @@ def test_an_adapter_on_the_wrong_base_is_refused(base, tok, tmp_path, capsys):
         "--train.eval_generations=1", "--train.eval_max_new_tokens=2", "--run.tensorboard=false",
     ]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
-    overrides = dict(preset="llama-tiny", vocab_size=tok.vocab_size, block_size=256)
-    torch.manual_seed(1)  # other weights under the same path
-    save_checkpoint(
-        own_base, GPT(model_config(**overrides)), build_config({"model": overrides}), tok
-    )
+    save_base(own_base, tok, seed=1, block_size=256)  # other weights under the same path
     with pytest.raises(Exception, match="wrong base"):
         lmforge.load(tmp_path / "l")
     assert main(["generate", "--checkpoint", str(tmp_path / "l"), "--prompt", "Hi"]) == 1

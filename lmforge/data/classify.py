@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.common import LmforgeError
+from lmforge.data.packing import pad_collate
 from lmforge.data.sft import split_records
 from lmforge.tokenizer import Tokenizer
 
@@ -87,10 +88,6 @@ def load_labelled(
 
 def pad_batch(ids: list[list[int]], labels: list[int], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded input_ids (B, T), attention_mask (B, T) and label (B,)."""
-    T = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), T), dtype=torch.long)
-    for row, x in enumerate(ids):
-        input_ids[row, : len(x)] = torch.as_tensor(x)
-        mask[row, : len(x)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "label": torch.as_tensor(labels)}
+    batch = pad_collate([{"input_ids": x} for x in ids], pad_id)
+    del batch["labels"]  # token labels: a classifier has one label per text
+    return batch | {"label": torch.as_tensor(labels)}

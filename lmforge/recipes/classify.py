@@ -20,9 +20,9 @@ from lmforge.data.classify import load_labelled, pad_batch
 from lmforge.data.example_loader import ExampleLoader
 from lmforge.model.heads import SequenceClassifier
 from lmforge.model.peft import apply_peft, trainable_share
-from lmforge.recipes.pretrain import new_run_dir
+from lmforge.recipes.run import load_base, run_folder
 from lmforge.train import checkpoint as ckpt
-from lmforge.train.distributed import broadcast_object, destroy_distributed, init_distributed
+from lmforge.train.distributed import destroy_distributed, init_distributed
 from lmforge.train.losses import ClassificationLoss
 from lmforge.train.trainer import Trainer
 
@@ -58,13 +58,7 @@ def classify(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     info = init_distributed(cfg.run.device)
     try:
         seed_everything(cfg.train.seed)
-        if not cfg.run.base or not cfg.data.path:
-            raise LmforgeError("lmforge classify needs --base CKPT and --data FILE")
-        base = ckpt.resolve_checkpoint(cfg.run.base)
-        cfg.run.base = str(base.resolve())
-        base_model, tokenizer = ckpt.load(base)
-        if tokenizer is None:
-            raise LmforgeError(f"{base} has no tokenizer/, so texts cannot be encoded")
+        base, base_model, tokenizer = load_base(cfg)
         block = base_model.config.block_size
         train_ex, val_ex, labels = load_labelled(
             tokenizer, cfg.data.path, cfg.data.val_fraction, cfg.data.val_path, cfg.classify, block
@@ -74,7 +68,7 @@ def classify(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
                 f"the data's labels {labels} are not the run's {cfg.classify.labels}"
             )
         cfg.classify.labels = labels
-        backbone = apply_peft(base_model.train(), cfg.peft)
+        backbone = apply_peft(base_model, cfg.peft)
         if cfg.classify.freeze_base:
             backbone.requires_grad_(False)
         model = SequenceClassifier(backbone, labels)
@@ -88,9 +82,7 @@ def classify(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
         def f1() -> dict[str, float]:
             return {"val_f1": macro_f1(confusion(model, val_loader.each_batch_once()))}
 
-        run_dir = (
-            Path(resume) if resume else broadcast_object(new_run_dir(cfg) if info.is_main else None)
-        )
+        run_dir = run_folder(cfg, resume, info)
         trainer = Trainer(
             cfg, model, train_loader, val_loader.each_batch_once, run_dir, info,
             loss_fn=ClassificationLoss(), tokenizer=tokenizer, extra_eval=f1,

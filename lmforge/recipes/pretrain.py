@@ -6,7 +6,6 @@ evaluates, checkpoints and prints a sample; `lmforge train` (lmforge/cli/train.p
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,22 +15,12 @@ from lmforge.common import LmforgeError, print0, seed_everything
 from lmforge.config import Config
 from lmforge.data.loader import RandomWindowLoader, load_pretrain_data
 from lmforge.model.gpt import GPT
+from lmforge.recipes.run import run_folder
 from lmforge.tokenizer import load_tokenizer
 from lmforge.train import checkpoint as ckpt
-from lmforge.train.distributed import broadcast_object, destroy_distributed, init_distributed
+from lmforge.train.distributed import destroy_distributed, init_distributed
 from lmforge.train.losses import CausalLMLoss
 from lmforge.train.trainer import Trainer
-
-
-def new_run_dir(cfg: Config) -> Path:
-    name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(cfg.run.dir) / name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise LmforgeError(
-            f"run folder {run_dir} already exists; resume it with --resume={run_dir} "
-            "or choose another --run.name"
-        )
-    return run_dir
 
 
 def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
@@ -54,9 +43,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
         model = GPT(cfg.model)
         if info.enabled:
             torch.manual_seed(cfg.train.seed + info.rank)  # distinct dropout per rank
-        run_dir = (
-            Path(resume) if resume else broadcast_object(new_run_dir(cfg) if info.is_main else None)
-        )
+        run_dir = run_folder(cfg, resume, info)
         t = cfg.train
         for split, arrays in (("train", data.train), ("validation", data.val)):
             if max(len(a) for a in arrays) <= cfg.model.block_size:

@@ -15,16 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.chat import render_conversation
-from lmforge.common import LmforgeError, print0, seed_everything
+from lmforge.common import print0, seed_everything
 from lmforge.config import Config
 from lmforge.data.example_loader import ExampleLoader
 from lmforge.data.sft import Example, load_examples
 from lmforge.engine import Engine, SamplingParams
 from lmforge.model.peft import apply_peft, trainable_share
-from lmforge.recipes.pretrain import new_run_dir
+from lmforge.recipes.run import load_base, run_folder
 from lmforge.tokenizer import END_TURN, Tokenizer
 from lmforge.train import checkpoint as ckpt
-from lmforge.train.distributed import broadcast_object, destroy_distributed, init_distributed
+from lmforge.train.distributed import destroy_distributed, init_distributed
 from lmforge.train.losses import CausalLMLoss
 from lmforge.train.trainer import Trainer
 
@@ -61,16 +61,8 @@ def sft(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     info = init_distributed(cfg.run.device)
     try:
         seed_everything(cfg.train.seed)
-        if not cfg.run.base:
-            raise LmforgeError("no base model: give --base CKPT (a checkpoint or run folder)")
-        base = ckpt.resolve_checkpoint(cfg.run.base)
-        cfg.run.base = str(base.resolve())  # adapter checkpoints find their base by it
-        base_model, tokenizer = ckpt.load(base)
-        if tokenizer is None:
-            raise LmforgeError(f"{base} has no tokenizer/, so conversations cannot be rendered")
-        if not cfg.data.path:
-            raise LmforgeError("no data: give --data FILE (json/jsonl of conversations)")
-        model = apply_peft(base_model.train(), cfg.peft)
+        base, base_model, tokenizer = load_base(cfg)
+        model = apply_peft(base_model, cfg.peft)
         trainable, total = trainable_share(model)
         block = model.config.block_size  # P-tuning's virtual tokens take some of it
         train_ex, val_ex, dropped = load_examples(
@@ -91,9 +83,7 @@ def sft(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
             answers = answer(model, tokenizer, probe, t.eval_max_new_tokens)
             return {"val_end_rate": sum(ended for _, ended in answers) / max(1, len(answers))}
 
-        run_dir = (
-            Path(resume) if resume else broadcast_object(new_run_dir(cfg) if info.is_main else None)
-        )
+        run_dir = run_folder(cfg, resume, info)
         trainer = Trainer(
             cfg,
             model,

@@ -1,0 +1,46 @@
+"""What every recipe does around its own data and loss: choosing the run folder, and, for
+post-training, loading the base checkpoint the run starts from."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from lmforge.common import LmforgeError
+from lmforge.config import Config
+from lmforge.tokenizer import Tokenizer
+from lmforge.train import checkpoint as ckpt
+from lmforge.train.distributed import DistInfo, broadcast_object
+
+
+def new_run_dir(cfg: Config) -> Path:
+    name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.run.dir) / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise LmforgeError(
+            f"run folder {run_dir} already exists; resume it with --resume={run_dir} "
+            "or choose another --run.name"
+        )
+    return run_dir
+
+
+def run_folder(cfg: Config, resume: str | Path | None, info: DistInfo) -> Path:
+    """The folder being resumed, or a new one chosen on rank 0 and shared with every rank."""
+    if resume:
+        return Path(resume)
+    return broadcast_object(new_run_dir(cfg) if info.is_main else None)
+
+
+def load_base(cfg: Config) -> tuple[Path, object, Tokenizer]:
+    """(checkpoint, model in train mode, tokenizer) of cfg.run.base, which is rewritten as an
+    absolute path: adapter checkpoints find their base by it. Needs --base and --data."""
+    if not cfg.run.base:
+        raise LmforgeError("no base model: give --base CKPT (a checkpoint or run folder)")
+    if not cfg.data.path:
+        raise LmforgeError("no data: give --data FILE (json/jsonl records)")
+    base = ckpt.resolve_checkpoint(cfg.run.base)
+    cfg.run.base = str(base.resolve())
+    model, tokenizer = ckpt.load(base)
+    if tokenizer is None:
+        raise LmforgeError(f"{base} has no tokenizer/, so the data cannot be encoded")
+    return base, model.train(), tokenizer
