@@ -220,8 +220,6 @@ class Engine:
 
     def _fit_prompt(self, prompt: list[int]) -> list[int]:
         """A prompt cut from the left to the context window, with a notice when it is."""
-        if not prompt:
-            raise LmforgeError("every prompt needs at least one token")
         block = self.model.config.block_size
         if len(prompt) > block:
             self.notice(
@@ -239,8 +237,6 @@ class Engine:
         finished (it sampled a stop id, at this step or earlier). Stops when every row has
         finished or after max_new_tokens steps. The model is run in eval mode and its mode is
         restored afterwards."""
-        if not prompts:
-            raise LmforgeError("every prompt needs at least one token")
         block, window = self.model.config.block_size, self.window(params)
         contexts = [self._fit_prompt(p) for p in prompts]
         device = next(self.model.parameters()).device
@@ -253,7 +249,7 @@ class Engine:
             seen = seen_tokens(
                 *left_pad(prompts, self.pad_id, device), self.model.config.vocab_size
             )
-        longest = max(len(c) for c in contexts)
+        longest = max(map(len, contexts), default=0)  # no prompt, or an empty one: prefill says
         model_view = _Contexts(
             self.model, self.pad_id, params.use_cache, min(block, longest + params.max_new_tokens)
         )

@@ -73,12 +73,10 @@ def cpu_has_native_bf16() -> bool:
 @functools.cache
 def cpu_bf16_speedup(n: int = 512, reps: int = 8) -> float:
     """fp32 time / bf16 time of an n x n matmul on this CPU (> 1: bf16 is faster)."""
-    times = {
-        dtype: _matmul_seconds(torch.device("cpu"), dtype, n, reps)
-        for dtype in _DTYPES.values()
-        if dtype != torch.float16
-    }
-    return times[torch.float32] / times[torch.bfloat16]
+    cpu = torch.device("cpu")
+    return _matmul_seconds(cpu, torch.float32, n, reps) / _matmul_seconds(
+        cpu, torch.bfloat16, n, reps
+    )
 
 
 def _matmul_seconds(device: torch.device, dtype: torch.dtype, n: int, reps: int) -> float:
