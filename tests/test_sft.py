@@ -4,6 +4,8 @@ bucketed batches giving the same loss, `lmforge sft` end to end, and bad input."
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -184,7 +186,7 @@ def test_peft_sft_writes_adapter_checkpoints_that_load_and_resume(base, tmp_path
     ids = torch.tensor([tok.encode("Name a color.")])
     base_model, _ = lmforge.load(base)
     assert not torch.equal(module(ids), base_model(ids))  # the adapter changed the outputs
-    # resume from step 2: the same losses as the uninterrupted run
+    # resume from step 2 in a new process: the same losses as the uninterrupted run
     rows = [
         json.loads(line) for line in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()
     ]
@@ -192,7 +194,9 @@ def test_peft_sft_writes_adapter_checkpoints_that_load_and_resume(base, tmp_path
     (tmp_path / "p" / "metrics.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= 2 and "loss" in r)
     )
-    assert main(["sft", f"--resume={tmp_path / 'p'}"]) == 0
+    resume = [sys.executable, "-m", "lmforge", "sft", f"--resume={tmp_path / 'p'}"]
+    proc = subprocess.run(resume, capture_output=True, text=True, timeout=300)  # a new process
+    assert proc.returncode == 0, proc.stderr[-2000:]
     resumed = [
         json.loads(line) for line in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()
     ]
