@@ -335,8 +335,13 @@ class ClassifyConfig:
     config keeps them, which makes lmforge.load return a classifier)."""
     freeze_base: bool = False
     """Train only the head (transfer learning); the base model stays as it was."""
+    lm_weight: float = 0.0
+    """Weight of an auxiliary next-token loss on the same texts (GPT-1's lambda, 0.5 there);
+    0 trains on the labels alone."""
 
     def __post_init__(self) -> None:
+        if self.lm_weight < 0:
+            raise LmforgeError(f"classify.lm_weight={self.lm_weight} must be >= 0")
         for item in filter(None, self.pairs.split(",")):
             if "=" not in item:
                 raise LmforgeError(f"classify.pairs item {item!r} must look like FIELD=LABEL")

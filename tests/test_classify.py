@@ -149,3 +149,24 @@ def test_a_base_with_a_char_tokenizer_classifies_too(tmp_path, capsys, save_base
     )
     classifier, _ = lmforge.load(tmp_path / "char")
     assert len(classifier.predict(texts[:3])) == 3
+
+
+def test_a_fine_tuning_run_sets_its_own_dropout_but_keeps_the_base_architecture(
+    base, tmp_path, capsys
+):
+    from dataclasses import asdict
+
+    from lmforge.config import build_config
+    from lmforge.recipes.run import load_base
+    from lmforge.train.checkpoint import load_checkpoint_config
+
+    overrides = [f"--run.base={base}", "--data.path=unused.json", "--model.dropout=0.2"]
+    layers = {"model": asdict(load_checkpoint_config(base).model)}
+    _, model, _ = load_base(build_config(layers, overrides=[*overrides, "--model.drop_path=0.1"]))
+    assert model.drop.p == 0.2 and model.blocks[0].attn.dropout == 0.2
+    assert model.blocks[-1].drop_path.rate == pytest.approx(0.1)
+    data = tmp_path / "prefs.json"
+    data.write_text(json.dumps(PREFS[:60]))
+    assert _run(base, data, tmp_path, "deeper", "--model.n_layer=7") == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.n_layer=7 differs from the base's" in err

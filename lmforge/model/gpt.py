@@ -8,7 +8,7 @@ nh query heads, nkv key/value heads, hd head dim, d model dim, V vocab.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +116,11 @@ class DropPath(nn.Module):
         return x * mask / keep
 
 
+def drop_path_rate(cfg: ModelConfig, layer: int) -> float:
+    """Stochastic depth grows linearly from 0 at the first block to cfg.drop_path at the last."""
+    return cfg.drop_path * layer / max(cfg.n_layer - 1, 1)
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -200,8 +205,7 @@ class Block(nn.Module):
         self.norm1, self.norm2 = make_norm(cfg), make_norm(cfg)
         self.attn = Attention(cfg, layer)
         self.mlp = MLP(cfg)
-        rate = cfg.drop_path * layer / max(cfg.n_layer - 1, 1)
-        self.drop_path = DropPath(rate)
+        self.drop_path = DropPath(drop_path_rate(cfg, layer))
         self.activation_checkpointing = False  # set from outside by the trainer
 
     def _forward(self, x, rope, mask, kv_cache, prefix_kv):
@@ -398,6 +402,18 @@ class GPT(nn.Module):
             x = x[:, -logits_to_keep:]  # (B, k, d)
         x = self.norm_f(x)
         return x if return_hidden else self.lm_head(x)  # (B, T or k, d or V)
+
+    def set_regularisation(self, dropout: float, drop_path: float) -> None:
+        """Change dropout and stochastic depth of a built model, e.g. to fine-tune with dropout a
+        base pretrained without it: neither holds weights."""
+        self.config = replace(self.config, dropout=dropout, drop_path=drop_path)
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = dropout
+            elif isinstance(module, Attention):
+                module.dropout = dropout
+        for layer, block in enumerate(self.blocks):
+            block.drop_path.rate = drop_path_rate(self.config, layer)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters counted once (a tied head is not counted twice). non_embedding drops

@@ -3,11 +3,13 @@ post-training, loading the base checkpoint the run starts from."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 from lmforge.common import LmforgeError
-from lmforge.config import Config
+from lmforge.config import Config, ModelConfig
+from lmforge.model.gpt import GPT
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import DistInfo, broadcast_object
@@ -40,7 +42,27 @@ def load_base(cfg: Config) -> tuple[Path, object, Tokenizer]:
         raise LmforgeError("no data: give --data FILE (json/jsonl records)")
     base = ckpt.resolve_checkpoint(cfg.run.base)
     cfg.run.base = str(base.resolve())
+    check_architecture(cfg.model, ckpt.load_checkpoint_config(base).model, base)
     model, tokenizer = ckpt.load(base)
     if tokenizer is None:
         raise LmforgeError(f"{base} has no tokenizer/, so the data cannot be encoded")
+    for module in model.modules():
+        if isinstance(module, GPT):
+            module.set_regularisation(cfg.model.dropout, cfg.model.drop_path)
     return base, model.train(), tokenizer
+
+
+# model fields that hold no weights: a fine-tuning run may set its own
+REGULARISATION = {"dropout", "drop_path"}
+
+
+def check_architecture(wanted: ModelConfig, base_model: ModelConfig, base: Path) -> None:
+    """A post-training run's model section is its base's, plus overrides: only regularisation
+    may differ, since the weights fix everything else."""
+    for name in (f.name for f in dataclasses.fields(ModelConfig)):
+        ours, theirs = getattr(wanted, name), getattr(base_model, name)
+        if name not in REGULARISATION and ours != theirs:
+            raise LmforgeError(
+                f"model.{name}={ours} differs from the base's {theirs} ({base}); fine-tuning "
+                f"keeps the base's architecture and may change only {sorted(REGULARISATION)}"
+            )
