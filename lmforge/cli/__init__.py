@@ -17,11 +17,16 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("lmforge.cli.train", "pretrain a model (no arguments: the default Shakespeare job)"),
     "sft": ("lmforge.cli.sft", "instruction-tune a checkpoint on conversations (any PEFT method)"),
     "classify": ("lmforge.cli.classify", "train a sequence classifier head on a checkpoint"),
+    "eval": ("lmforge.cli.eval", "score a checkpoint on evaluation tasks; report.json/md + plots"),
     "generate": ("lmforge.cli.generate", "generate text from a checkpoint"),
     "export": ("lmforge.cli.export", "export a checkpoint to Hugging Face format"),
     "import": ("lmforge.cli.import_hf", "import a Hugging Face model folder as a checkpoint"),
     "prepare": ("lmforge.cli.prepare", "raw sources -> cleaned, deduplicated token shards"),
     "tokenizer": ("lmforge.cli.tokenizer", "train a BPE tokenizer (`lmforge tokenizer train`)"),
+    "report": (
+        "lmforge.cli.report",
+        "render a run's metrics (loss, lr, tokens/s, evals) as report.md with plots",
+    ),
 }
 
 
