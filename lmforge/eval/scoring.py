@@ -1,20 +1,22 @@
 """Log-likelihoods from a causal LM: the scoring code under every evaluation task and the
 lm-evaluation-harness adapter.
 
-Scores do not depend on the batch size. Continuations are right-padded after their context
-(a causal model's real positions never see what comes after them), contexts are left-padded
-with the padding masked out and positions counted over real tokens only, and every number is
-computed in fp32 from logits.
-
 Two kinds of request, as in the harness:
 - `loglikelihood(context, continuation)`: the log-probability of the continuation after the
   context (multiple choice, CrowS-Pairs). Requests that share a context (the choices of one
-  question) run it once: its keys and values are cached and copied to each choice's row. A
-  context too long for the block loses its oldest tokens (counted in `truncations`); a
-  continuation longer than the block is scored in rolling windows after its context.
+  question) form a tree: the context and the tokens all their continuations begin with run
+  once, each continuation's own tokens branch off it, and trees are packed into rows of the
+  block size with a mask that keeps every tree and branch to itself. Only the positions
+  that predict a continuation token go through the output layer. A context too long for
+  the block loses its oldest tokens (counted in `truncations`); a continuation longer than
+  the block is scored in rolling windows after its context.
 - `rolling`: every token of a long text scored exactly once, in windows of the model's
   block size that move by `stride` tokens and keep the rest of the window as context
   (perplexity, next-token calibration).
+
+Scores do not depend on the batch size: how requests are packed into rows is fixed before
+rows are batched, masking makes each request's numbers those of a forward pass of it alone,
+and every log-probability is computed in fp32.
 """
 
 from __future__ import annotations
@@ -27,8 +29,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lmforge.common import LmforgeError
-from lmforge.engine import left_pad
-from lmforge.model.gpt import KVCache
 
 
 @dataclass
@@ -65,19 +65,81 @@ class Truncations:
 
 
 @dataclass
-class _Group:
-    """Requests sharing one context. The tokens their continuations all begin with (PIQA's
-    two solutions often share half their words) join the context, run once, and are scored
-    from its last positions; each request keeps only its own suffix."""
+class _Tree:
+    """Requests that share a context, laid out as one stretch of a packed row: the trunk (the
+    context, cut to fit the block, then the tokens every continuation begins with; PIQA's two
+    solutions often share half their words), then each request's own suffix but its last
+    token. A suffix attends to the trunk and to itself, never to another suffix, and its
+    positions continue the trunk's, so each request is computed exactly as if alone while
+    the trunk runs once."""
 
-    context: list[int]
-    """The shared ids: the context (cut to fit the block), then the common tokens."""
+    trunk: list[int]
     shared: int
-    """How many of them are continuation tokens (the last `shared` of context)."""
+    """How many trunk tokens are continuation tokens (its last `shared`)."""
     members: list[int]
     """The requests' indices."""
-    longest: int
-    """The longest suffix after the shared tokens."""
+    suffixes: list[list[int]]
+    """Each request's continuation after the shared tokens (at least one token)."""
+
+    @property
+    def length(self) -> int:
+        """Input tokens: the trunk and every suffix but its last token."""
+        return len(self.trunk) + sum(len(x) - 1 for x in self.suffixes)
+
+
+class _RowLayout:
+    """One packed row: its input ids and positions, which tree (-1: none) and which branch
+    (0: trunk, k: the k-th suffix) each token belongs to, the positions whose next-token
+    prediction is scored with their targets, and each request's share of those."""
+
+    def __init__(self, trees: list[_Tree]):
+        self.ids: list[int] = []
+        self.positions: list[int] = []
+        self.tree: list[int] = []
+        self.branch: list[int] = []
+        self.predict_at: list[int] = []
+        self.targets: list[int] = []
+        self.requests: list[tuple[int, list[int]]] = []
+        for t, tree in enumerate(trees):
+            self._add(t, tree)
+
+    def _add(self, t: int, tree: _Tree) -> None:
+        start, m = len(self.ids), len(tree.trunk)
+        self.ids += tree.trunk
+        self.positions += range(m)
+        self.tree += [t] * m
+        self.branch += [0] * m
+        # trunk position j predicts trunk token j + 1: the shared tokens are its last `shared`
+        shared_at = [start + j for j in range(m - tree.shared - 1, m - 1)]
+        shared_slots = list(range(len(self.predict_at), len(self.predict_at) + tree.shared))
+        self.predict_at += shared_at
+        self.targets += tree.trunk[m - tree.shared :]
+        for k, (i, suffix) in enumerate(zip(tree.members, tree.suffixes), start=1):
+            inputs = suffix[:-1]
+            own_start = len(self.ids)
+            self.ids += inputs
+            self.positions += range(m, m + len(inputs))
+            self.tree += [t] * len(inputs)
+            self.branch += [k] * len(inputs)
+            # the trunk's last token predicts the suffix's first; each input, the next
+            slots = list(range(len(self.predict_at), len(self.predict_at) + len(suffix)))
+            self.predict_at += [start + m - 1] + [own_start + j for j in range(len(inputs))]
+            self.targets += suffix
+            self.requests.append((i, shared_slots + slots))
+
+    def mask(self, T: int) -> torch.Tensor:
+        """(T, T) True where a query may attend: an earlier (or the same) token of its own
+        tree, in the trunk or its own branch. Padding attends only to itself."""
+        n = len(self.ids)
+        tree = torch.full((T,), -1)
+        tree[:n] = torch.tensor(self.tree)
+        branch = torch.zeros(T, dtype=torch.long)
+        branch[:n] = torch.tensor(self.branch)
+        idx = torch.arange(T)
+        causal = idx[None, :] <= idx[:, None]  # (T, T) key <= query
+        same_tree = (tree[:, None] == tree[None, :]) & (tree[:, None] >= 0)
+        visible = (branch[None, :] == 0) | (branch[None, :] == branch[:, None])
+        return (causal & same_tree & visible) | torch.eye(T, dtype=torch.bool)
 
 
 class Scorer:
@@ -150,101 +212,89 @@ class Scorer:
                     bool(stats.correct[len(ctx) - 1 :].all()),
                     len(cont),
                 )
-        groups = self._groups([p if r is None else None for p, r in zip(pairs, results)])
+        rows = self._rows(self._trees([p if r is None else None for p, r in zip(pairs, results)]))
         bar = tqdm(total=len(pairs), disable=not self.progress, desc="loglikelihood", leave=False)
-        for batch in self._batches(groups):
-            for i, score in self._score_groups(batch, pairs):
+        for b in range(0, len(rows), self.batch_size):
+            for i, score in self._score_rows(rows[b : b + self.batch_size]):
                 results[i] = score
-            bar.update(sum(len(g.members) for g in batch))
+                bar.update()
         bar.close()
         return results  # type: ignore[return-value]
 
-    def _groups(self, pairs: list[tuple[list[int], list[int]] | None]) -> list[_Group]:
+    def _trees(self, pairs: list[tuple[list[int], list[int]] | None]) -> list[_Tree]:
         """Requests grouped by context, each context cut from the left so that it and its
-        group's longest continuation fit the block (counted in self.truncations); longest
-        first, so that a batch too large for memory fails at once."""
+        longest continuation fit the block (counted in self.truncations); a group too long
+        for one row is split into several trees. Longest first, so that a batch too large
+        for memory fails at once."""
         members: dict[tuple[int, ...], list[int]] = {}
         for i, pair in enumerate(pairs):
             if pair is not None:  # None: already scored
                 members.setdefault(tuple(pair[0]), []).append(i)
-        groups = []
+        trees = []
         for ctx, idx in members.items():
             conts = [pairs[i][1] for i in idx]
-            fitted = self._fit(list(ctx), max(map(len, conts)), idx[0])
             shared = common_prefix_length(conts)
-            longest = max(map(len, conts)) - shared
-            groups.append(_Group(fitted + conts[0][:shared], shared, idx, longest))
-        return sorted(groups, key=lambda g: -(len(g.context) + g.longest))
+            trunk = self._fit(list(ctx), max(map(len, conts)), idx[0]) + conts[0][:shared]
+            tree = _Tree(trunk, shared, [], [])
+            for i, cont in zip(idx, conts):
+                if tree.members and tree.length + len(cont) - shared - 1 > self.block:
+                    trees.append(tree)
+                    tree = _Tree(trunk, shared, [], [])
+                tree.members.append(i)
+                tree.suffixes.append(cont[shared:])
+            trees.append(tree)
+        return sorted(trees, key=lambda t: -t.length)
 
-    def _batches(self, groups: list[_Group]) -> Iterable[list[_Group]]:
-        """Whole groups, up to batch_size rows, whose padded context and continuation widths
-        fit the block together (a batch is left-padded to its longest context)."""
-        batch: list[_Group] = []
-        for g in groups:
-            rows = sum(len(b.members) for b in batch) + len(g.members)
-            width = max(len(b.context) for b in [*batch, g]) + max(b.longest for b in [*batch, g])
-            if batch and (rows > self.batch_size or width - 1 > self.block):
-                yield batch
-                batch = []
-            batch.append(g)
-        if batch:
-            yield batch
+    def _rows(self, trees: list[_Tree]) -> list[list[_Tree]]:
+        """Trees packed first-fit into rows of at most block_size input tokens."""
+        rows: list[list[_Tree]] = []
+        room: list[int] = []
+        for tree in trees:
+            for r, free in enumerate(room):
+                if tree.length <= free:
+                    rows[r].append(tree)
+                    room[r] -= tree.length
+                    break
+            else:
+                rows.append([tree])
+                room.append(self.block - tree.length)
+        return rows
 
-    def _score_groups(self, groups: list[_Group], pairs) -> Iterable[tuple[int, PairScore]]:
-        """One forward over the groups' shared ids (left-padded, cached), then one over all
-        the requests' own suffixes but their last token (right-padded), each row reading its
-        group's cache row. The last `shared + 1` positions of a group's row predict its shared
-        continuation tokens and the first token of each suffix."""
-        suffixes = [pairs[i][1][g.shared :] for g in groups for i in g.members]
-        C = max(map(len, suffixes))
-        keep = max(g.shared for g in groups) + 1
-        ctx_ids, ctx_mask = left_pad([g.context for g in groups], 0, self.device)  # (G, P)
-        G, P = ctx_ids.shape
-        cache = KVCache(self.model.config, G, P + C - 1, self.device, self._dtype())
-        head = F.log_softmax(
-            self._logits(ctx_ids, ctx_mask, cache, logits_to_keep=keep).float(), dim=-1
-        )  # (G, keep, V): the last `keep` positions of every row
-        owner = torch.tensor(
-            [g for g, group in enumerate(groups) for _ in group.members], device=self.device
-        )  # (N,) the group of each request row
-        cont_ids = torch.zeros(len(suffixes), C, dtype=torch.long, device=self.device)
-        cont_mask = torch.zeros_like(cont_ids)
-        for r, suffix in enumerate(suffixes):
-            cont_ids[r, : len(suffix)] = torch.tensor(suffix)
-            cont_mask[r, : len(suffix)] = 1
-        logprobs = head[owner, -1:]  # (N, 1, V) predicting each suffix's first token
-        if C > 1:
-            cache.k, cache.v = cache.k[:, owner], cache.v[:, owner]  # (L, N, nkv, S, hd)
-            mask = torch.cat([ctx_mask[owner], cont_mask[:, :-1]], dim=1)  # (N, P + C - 1)
-            rest = self._logits(cont_ids[:, :-1], mask, cache)  # (N, C - 1, V)
-            logprobs = torch.cat([logprobs, F.log_softmax(rest.float(), dim=-1)], dim=1)
-        picked = logprobs.gather(-1, cont_ids[..., None])[..., 0] * cont_mask  # (N, C)
-        greedy = (logprobs.argmax(-1) == cont_ids) | (cont_mask == 0)  # (N, C)
-        shared = [self._shared_score(head[g], group) for g, group in enumerate(groups)]
-        r = 0
-        for g, group in enumerate(groups):
-            shared_logprob, shared_greedy = shared[g]
-            for i in group.members:
+    def _score_rows(self, rows: list[list[_Tree]]) -> Iterable[tuple[int, PairScore]]:
+        """One forward over packed rows (right-padded; a 4-D mask keeps every tree and every
+        suffix to itself); log-probabilities only where a continuation token is predicted."""
+        layouts = [_RowLayout(row) for row in rows]
+        T = max(len(x.ids) for x in layouts)
+        ids = torch.zeros(len(rows), T, dtype=torch.long)
+        positions = torch.zeros_like(ids)
+        mask = torch.zeros(len(rows), 1, T, T, dtype=torch.bool)
+        for r, layout in enumerate(layouts):
+            n = len(layout.ids)
+            ids[r, :n] = torch.tensor(layout.ids)
+            positions[r, :n] = torch.tensor(layout.positions)
+            mask[r, 0] = layout.mask(T)
+        hidden = self.model(
+            ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            return_hidden=True,
+        )  # (R, T, d)
+        for r, layout in enumerate(layouts):
+            where = torch.tensor(layout.predict_at, device=self.device)  # (n,)
+            targets = torch.tensor(layout.targets, device=self.device)  # (n,)
+            logprobs = F.log_softmax(self._head(hidden[r, where]).float(), dim=-1)  # (n, V)
+            picked = logprobs.gather(-1, targets[:, None])[:, 0]
+            greedy = logprobs.argmax(-1) == targets
+            for i, tokens in layout.requests:  # tokens: indices into predict_at
                 yield (
                     i,
-                    PairScore(
-                        shared_logprob + picked[r].sum().item(),
-                        shared_greedy and bool(greedy[r].all()),
-                        group.shared + len(suffixes[r]),
-                    ),
+                    PairScore(picked[tokens].sum().item(), bool(greedy[tokens].all()), len(tokens)),
                 )
-                r += 1
 
-    @staticmethod
-    def _shared_score(head: torch.Tensor, group: _Group) -> tuple[float, bool]:
-        """(log-probability, all greedy) of a group's shared continuation tokens from its
-        row's last positions (head (keep, V) log-probabilities)."""
-        if not group.shared:
-            return 0.0, True
-        targets = torch.tensor(group.context[-group.shared :], device=head.device)  # (k,)
-        predictions = head[-group.shared - 1 : -1]  # (k, V)
-        picked = predictions.gather(-1, targets[:, None])[:, 0]
-        return picked.sum().item(), bool((predictions.argmax(-1) == targets).all())
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The decoder's output layer on final hidden states (n, d) -> logits (n, V)."""
+        decoder = getattr(self.model, "model", self.model)  # a prefix/P-tuned wrapper's GPT
+        return decoder.lm_head(hidden)
 
     def _fit(self, ctx: list[int], longest: int, request: int) -> list[int]:
         room = self.block - longest + 1  # the last continuation token is never an input
