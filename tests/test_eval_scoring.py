@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -300,3 +301,44 @@ def test_eval_writes_a_report_that_records_what_produced_it(base, tmp_path, caps
     assert main(argv) == 1
     assert "already exists" in capsys.readouterr().err
     assert json.loads((out / "report.json").read_text()) == report
+
+
+def test_ppl_of_a_prepared_dataset_equals_ppl_of_its_documents_as_a_folder(
+    tmp_path, save_base, capsys
+):
+    from lmforge.data.shards import read_prepared
+
+    records = tmp_path / "data.jsonl"
+    records.write_text(
+        "".join(json.dumps({"text": line}) + "\n" for line in TEXT.split("\n\n")[:120])
+    )
+    data = tmp_path / "prepared"
+    argv = ["prepare", str(records), "--out", str(data), "--workers", "1", "--val-fraction", "0.2"]
+    assert main([*argv, "--tokenizer", "train:300", "--clean.min_words=3"]) == 0
+    ds = read_prepared(data)
+    model = lmforge.load(save_base(tmp_path / "base", ds.tokenizer, block_size=BLOCK))[0]
+    scorer = Scorer(model, ds.tokenizer, 8)
+    prepared = ppl.run(scorer, data, TaskOptions()).metrics
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    val = np.concatenate(ds.val)
+    docs = [d for d in np.split(val, np.flatnonzero(val == ds.eot_id) + 1) if len(d) > 1]
+    for k, doc in enumerate(docs):
+        (folder / f"{k:04d}.txt").write_text(ds.tokenizer.decode(doc[:-1].tolist()))
+    as_text = ppl.run(scorer, folder, TaskOptions()).metrics
+    assert prepared["tokens"] == as_text["tokens"] == sum(len(d) - 1 for d in docs)
+    assert prepared["nats_per_token"] == pytest.approx(as_text["nats_per_token"], rel=1e-6)
+    assert prepared["bits_per_byte"] == pytest.approx(as_text["bits_per_byte"], rel=1e-6)
+    other = save_base(tmp_path / "other", train_bpe([TEXT], vocab_size=280), block_size=BLOCK)
+    argv = [
+        "eval",
+        "--checkpoint",
+        str(other),
+        "--task",
+        f"ppl={data}",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "another tokenizer" in err
