@@ -251,6 +251,9 @@ class TrainConfig:
             raise LmforgeError(f"train.min_lr={self.min_lr} is above train.lr={self.lr}")
 
 
+HEADS = ("lm", "classifier", "reward")
+
+
 @dataclass
 class RunConfig:
     name: str = ""
@@ -272,9 +275,17 @@ class RunConfig:
     peak_tflops: float | None = None
     """Peak dense TFLOP/s of one device, the MFU denominator; None = a table of known GPUs,
     else a matmul measured at start-up in the run's precision."""
+    head: str = "lm"
+    """What the model outputs: lm (next-token logits), classifier (classify.labels) or reward
+    (one score per text). Set by the verb that trains it; lmforge.load builds the model by it."""
 
     def __post_init__(self) -> None:
         _check_positive("run.peak_tflops", self.peak_tflops)
+        if self.head not in HEADS:
+            raise LmforgeError(
+                f"run.head={self.head!r} must be one of {', '.join(HEADS)}"
+                f"{did_you_mean(self.head, HEADS)}"
+            )
 
 
 @dataclass
@@ -348,6 +359,33 @@ class ClassifyConfig:
 
 
 @dataclass
+class RewardConfig:
+    """Reward model (`lmforge reward`): a scalar head trained on preference pairs."""
+
+    margin: float = 0.0
+    """Bradley-Terry with a margin: -log sigmoid(r_chosen - r_rejected - margin)."""
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation (`lmforge dpo`) against a frozen reference (the base)."""
+
+    beta: float = 0.1
+    """Strength of the leash to the reference (the implicit reward is beta * log-ratio)."""
+    loss_type: str = "sigmoid"
+    """sigmoid (DPO), ipo or hinge (SLiC)."""
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise LmforgeError(f"dpo.beta={self.beta} must be > 0")
+        if self.loss_type not in ("sigmoid", "ipo", "hinge"):
+            raise LmforgeError(
+                f"dpo.loss_type={self.loss_type!r} must be sigmoid, ipo or hinge"
+                f"{did_you_mean(self.loss_type, ['sigmoid', 'ipo', 'hinge'])}"
+            )
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -355,6 +393,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
 
 # ---------------------------------------------------------------- `lmforge prepare`'s tree

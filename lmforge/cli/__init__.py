@@ -18,6 +18,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "sft": ("lmforge.cli.sft", "instruction-tune a checkpoint on conversations (any PEFT method)"),
     "classify": ("lmforge.cli.classify", "train a sequence classifier head on a checkpoint"),
     "eval": ("lmforge.cli.eval", "score a checkpoint on evaluation tasks; report.json/md + plots"),
+    "reward": ("lmforge.cli.reward", "train a reward model on preference pairs (Bradley-Terry)"),
+    "dpo": ("lmforge.cli.dpo", "direct preference optimisation against a frozen reference"),
     "generate": ("lmforge.cli.generate", "generate text from a checkpoint"),
     "export": ("lmforge.cli.export", "export a checkpoint to Hugging Face format"),
     "import": ("lmforge.cli.import_hf", "import a Hugging Face model folder as a checkpoint"),

@@ -61,3 +61,44 @@ class SequenceClassifier(nn.Module):
             out += [self.labels[j] for j in logits.argmax(-1).tolist()]
         self.train(was_training)
         return out
+
+
+class RewardModel(SequenceClassifier):
+    """A scalar head on the last real token: forward -> (B,) rewards. Trained with the
+    Bradley-Terry loss on preference pairs (`lmforge reward`); `score` rates answers."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__(backbone, ["reward"])
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return super().forward(input_ids, attention_mask)[:, 0]  # (B,)
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], responses: list[str], batch_size: int = 32) -> list[float]:
+        """The reward of each (user prompt, assistant response) in the chat format (needs the
+        tokenizer lmforge.load attaches)."""
+        from lmforge.data.classify import pad_batch
+        from lmforge.data.sft import to_example
+
+        if self.tokenizer is None:
+            raise ValueError("no tokenizer attached: load the reward model with lmforge.load")
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        was_training = self.training
+        self.eval()
+        block = self.config.block_size
+        out: list[float] = []
+        for i in range(0, len(prompts), batch_size):
+            ids = [  # as in training: the conversation's inputs, the answer's last token last
+                to_example(
+                    self.tokenizer,
+                    [{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+                ).input_ids[-block:]
+                for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])
+            ]
+            batch = pad_batch(ids, [0] * len(ids), self.tokenizer.pad_id or 0)
+            out += self(batch["input_ids"], batch["attention_mask"]).tolist()
+        self.train(was_training)
+        return out

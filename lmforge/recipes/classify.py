@@ -68,6 +68,7 @@ def classify(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
                 f"the data's labels {labels} are not the run's {cfg.classify.labels}"
             )
         cfg.classify.labels = labels
+        cfg.run.head = "classifier"
         backbone = apply_peft(base_model, cfg.peft)
         if cfg.classify.freeze_base:
             backbone.requires_grad_(False)

@@ -21,7 +21,7 @@ from lmforge.common import LmforgeError
 from lmforge.config import Config, build_config, save_config
 from lmforge.fileio import atomic_folder, atomic_write_text, contained
 from lmforge.model.gpt import GPT
-from lmforge.model.heads import SequenceClassifier
+from lmforge.model.heads import RewardModel, SequenceClassifier
 from lmforge.model.peft import (
     ADAPTER_WEIGHTS,
     apply_peft,
@@ -53,7 +53,7 @@ def save_checkpoint(
     weights' sha256) and, for resume, the trainable parameters as they train."""
     folder = Path(folder)
     with atomic_folder(folder) as tmp:
-        if cfg.peft.method == "none" or cfg.classify.labels:  # classifiers: every weight
+        if cfg.peft.method == "none" or cfg.run.head != "lm" or cfg.classify.labels:  # heads: all
             save_model(model, str(tmp / WEIGHTS))
         else:
             base_hash = weights_sha256(resolve_checkpoint(cfg.run.base))
@@ -164,11 +164,15 @@ def load(
         )
         return module.to(device).eval(), tokenizer
     tokenizer = load_tokenizer(folder / TOKENIZER) if (folder / TOKENIZER).is_dir() else None
-    if cfg.classify.labels:  # a sequence classifier: its backbone (any PEFT) and head
-        classifier = SequenceClassifier(apply_peft(GPT(cfg.model), cfg.peft), cfg.classify.labels)
-        load_weights(classifier, folder)
-        classifier.tokenizer = tokenizer
-        return classifier.to(device).eval(), tokenizer
+    if cfg.run.head != "lm" or cfg.classify.labels:  # a head on a backbone (any PEFT)
+        backbone = apply_peft(GPT(cfg.model), cfg.peft)
+        if cfg.run.head == "reward":
+            headed: SequenceClassifier = RewardModel(backbone)
+        else:
+            headed = SequenceClassifier(backbone, cfg.classify.labels)
+        load_weights(headed, folder)
+        headed.tokenizer = tokenizer
+        return headed.to(device).eval(), tokenizer
     with torch.device("meta"):
         model = GPT(cfg.model)
     load_weights(model, folder, assign=True)

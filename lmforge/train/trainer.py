@@ -34,7 +34,7 @@ from lmforge.train.distributed import (
     no_sync,
     parallelize,
 )
-from lmforge.train.losses import Batch, LossFn
+from lmforge.train.losses import Batch, CausalLMLoss, LossFn
 from lmforge.train.metrics import MetricsLogger
 from lmforge.train.optim import build_optimizer
 from lmforge.train.schedule import accum_steps_at, lr_at
@@ -194,14 +194,15 @@ class Trainer:
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Per-unit mean loss (and metrics) over the validation batches of all ranks,
-        perplexity and bits per byte."""
+        """Per-unit mean loss (and metrics) over the validation batches of all ranks; for a
+        next-token loss also perplexity and bits per byte."""
         self.model.eval()
         batches = (self._to_device(b) for b in self.val_batches())
         totals = _reduce_over_ranks(self._run_batches(self.eval_loss_fn, self.model, batches))
         row: dict[str, Any] = {"step": self.step, "tokens": self.tokens}
         row |= _per_unit(totals, prefix="val_")
-        row["val_ppl"] = math.exp(min(row["val_loss"], 50.0))
+        if isinstance(self.eval_loss_fn, CausalLMLoss):  # other losses are not per token
+            row["val_ppl"] = math.exp(min(row["val_loss"], 50.0))
         if self.bytes_per_token:
             row["val_bpb"] = row["val_loss"] / math.log(2) / self.bytes_per_token
         if self.extra_eval is not None:
