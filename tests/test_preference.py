@@ -72,6 +72,17 @@ def test_dpo_at_step_0_has_zero_rewards_and_loss_log_2(tok, base, data):
     assert metrics["kl"].item() == pytest.approx(0.0, abs=1e-4)
 
 
+def test_the_kl_is_that_of_the_next_token_distributions_on_labelled_positions():
+    from lmforge.train.losses import sequence_kl
+
+    p, q = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    labels = torch.tensor([[-100, 1, 2], [3, -100, -100]])
+    kl = (F.softmax(p, -1) * (F.log_softmax(p, -1) - F.log_softmax(q, -1))).sum(-1)  # (2, 3)
+    expected = torch.stack([kl[0, 1] + kl[0, 2], kl[1, 0]])
+    assert torch.allclose(sequence_kl(p, q, labels), expected, atol=1e-6)
+    assert (sequence_kl(p, p, labels).abs() < 1e-6).all()
+
+
 def test_dpo_trains_the_policy_and_never_the_reference(base, data, tmp_path, capsys, monkeypatch):
     import lmforge.train.losses as losses
 

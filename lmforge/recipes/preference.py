@@ -5,7 +5,7 @@ Trainer, from a base checkpoint, with any PEFT method:
   Bradley-Terry loss; held-out `val_accuracy` (pairwise) and `val_margin`.
 - `dpo(cfg)`: direct preference optimisation of the base against a frozen copy of itself;
   held-out `val_accuracy` (implicit reward of chosen > rejected), `val_margin` and `val_kl`
-  (the policy's log-ratio to the reference on chosen answers, nats).
+  (KL to the reference over the chosen answers' tokens, nats per answer).
 
 Both hold out the last `data.val_fraction` of the records (lmforge/data/preference.py), log an
 evaluation at step 0 and at every eval interval, and draw their curves into the run folder's

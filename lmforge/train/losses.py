@@ -80,6 +80,17 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return (picked * scored).sum(-1)
 
 
+def sequence_kl(
+    logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """(B,) KL(p || q) of the next-token distributions (logits (B, T, V) each), summed over
+    each row's labelled positions."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    logq = F.log_softmax(ref_logits.float(), dim=-1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)  # (B, T)
+    return (kl * (labels != -100)).sum(-1)
+
+
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 
@@ -112,8 +123,8 @@ class DPOLoss:
     The frozen reference scores the same rows without gradients. Units are pairs.
 
     Metrics (per pair): accuracy (the chosen's implicit reward beta * log-ratio is above the
-    rejected's), margin (their difference), kl (the policy's log-ratio to the reference on
-    the chosen answer, in nats: a sample estimate of KL(policy || reference) on that data)."""
+    rejected's), margin (their difference), kl (KL(policy || reference) of the next-token
+    distributions summed over the chosen answer's tokens, teacher-forced; nats per answer)."""
 
     def __init__(self, reference: nn.Module, beta: float, loss_type: str = "sigmoid"):
         self.reference = reference.eval().requires_grad_(False)
@@ -125,17 +136,20 @@ class DPOLoss:
     def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         B = ids.size(0) // 2
-        policy = sequence_logprobs(model(ids, attention_mask=mask), labels)  # (2B,)
+        logits = model(ids, attention_mask=mask)  # (2B, T, V)
+        policy = sequence_logprobs(logits, labels)  # (2B,)
         with torch.no_grad():
             self.reference.to(ids.device)
-            ref = sequence_logprobs(self.reference(ids, attention_mask=mask), labels)  # (2B,)
+            ref_logits = self.reference(ids, attention_mask=mask)  # (2B, T, V)
+            ref = sequence_logprobs(ref_logits, labels)
+            kl = sequence_kl(logits[:B].detach(), ref_logits[:B], labels[:B])  # (B,)
         losses = dpo_loss(policy[:B], policy[B:], ref[:B], ref[B:], self.beta, self.loss_type)
         reward = (self.beta * (policy - ref)).detach()  # (2B,) implicit rewards
         metrics = {
             "tokens": ids.numel(),
             "accuracy": (reward[:B] > reward[B:]).sum(),
             "margin": (reward[:B] - reward[B:]).sum(),
-            "kl": (policy[:B] - ref[:B]).detach().sum(),
+            "kl": kl.sum(),
         }
         return losses.sum(), metrics
 
