@@ -64,6 +64,14 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
         help="stop before this text (repeatable)",
     )
     parser.add_argument(
+        "--best-of",
+        type=int,
+        default=1,
+        metavar="N",
+        help="--chat: sample N answers and print the one --reward scores highest",
+    )
+    parser.add_argument("--reward", default=None, help="--best-of: a reward model checkpoint")
+    parser.add_argument(
         "--device", default="auto", help="auto (cuda > mps > cpu) or a torch device"
     )
 
@@ -158,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         window=args.window,
     )
+    if args.best_of != 1 or args.reward:
+        return best_of(args, model, tokenizer, params)
     engine = Engine(model)
     engine.window(params)  # a bad --window fails before anything is printed
     if not args.chat:
@@ -174,4 +184,24 @@ def run(args: argparse.Namespace) -> int:
             break
     rest = stops.flush()
     print(rest if args.stream else text + rest)
+    return 0
+
+
+def best_of(args: argparse.Namespace, model, tokenizer: Tokenizer, params: SamplingParams) -> int:
+    """--best-of N --reward RM: rejection sampling; the best answer on stdout, every sample's
+    reward on stderr."""
+    import sys
+
+    from lmforge.recipes.best_of_n import best_of_n, load_reward_model
+
+    if not args.chat or not args.reward or args.stream or args.system:
+        raise LmforgeError(
+            "--best-of needs --chat and --reward RM_CKPT (and neither --stream nor --system)"
+        )
+    reward_model = load_reward_model(args.reward, tokenizer)
+    choice = best_of_n(model, tokenizer, reward_model, args.prompt, args.best_of, params)
+    stops = StopStrings(args.stop)
+    print(stops.feed(choice.text) + ("" if stops.stopped else stops.flush()))
+    rewards = ", ".join(f"{r:.3f}" for r in choice.rewards)
+    print(f"[best of {args.best_of}: reward {choice.reward:.3f}; all: {rewards}]", file=sys.stderr)
     return 0
