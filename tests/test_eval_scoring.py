@@ -257,6 +257,24 @@ def test_bad_task_files_are_one_line(base, tmp_path, capsys, content, message):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("option", ["--limit", "--stride", "--batch-size"])
+def test_a_count_below_one_is_one_line(base, tmp_path, capsys, option):
+    argv = [
+        "eval",
+        "--checkpoint",
+        str(base),
+        "--task",
+        "ppl",
+        option,
+        "0",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "must be >= 1" in err
+
+
 def test_an_unknown_task_names_the_nearest(base, tmp_path, capsys):
     assert (
         main(["eval", "--checkpoint", str(base), "--task", "ppx", "--out", str(tmp_path / "o")])

@@ -79,8 +79,6 @@ NUMBER = re.compile(r"-?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 def load_records(path: Path | None, limit: int | None) -> tuple[list[dict], Path]:
     """(the first `limit` records, the file they came from): the file's records, or with no
     path the held-out split of the bundled instructions."""
-    if limit is not None and limit < 1:
-        raise LmforgeError(f"limit {limit} must be >= 1")
     if path is None:
         return split_records(str(INSTRUCTIONS), HELD_OUT, "")[1][:limit], INSTRUCTIONS
     return read_records(path)[:limit], path

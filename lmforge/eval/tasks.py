@@ -51,6 +51,12 @@ class TaskOptions:
     """gen / toxicity: wrap prompts in the chat template (for SFT/DPO/PPO models)."""
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("limit", "stride", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise LmforgeError(f"--{name.replace('_', '-')} {value} must be >= 1")
+
 
 @dataclass
 class TaskResult:
