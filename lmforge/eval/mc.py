@@ -17,7 +17,7 @@ import torch
 
 from lmforge.common import LmforgeError
 from lmforge.data.sft import read_records
-from lmforge.eval.scoring import Scorer
+from lmforge.eval.scoring import PairScore, Scorer
 from lmforge.eval.tasks import EVAL_ASSETS, TaskOptions, TaskResult, file_sha256
 
 DEFAULT = EVAL_ASSETS / "piqa_valid.jsonl"
@@ -57,19 +57,25 @@ def load_items(path: Path, limit: int | None = None) -> list[Item]:
     return items
 
 
-def choice_loglikelihoods(scorer: Scorer, items: list[Item]) -> list[torch.Tensor]:
-    """(n_choices,) log-likelihood of each item's choices, all items scored in one batched
-    pass (choices of one item share their context's forward)."""
+def score_choices(scorer: Scorer, items: list[Item]) -> list[list[PairScore]]:
+    """Each item's choices scored, all items in one batched pass (the choices of one item
+    share their context's forward)."""
     requests = [(it.context, TARGET_DELIMITER + c) for it in items for c in it.choices]
     scores = scorer.loglikelihood(requests)
     out, start = [], 0
     for it in items:
-        n = len(it.choices)
-        out.append(
-            torch.tensor([s.logprob for s in scores[start : start + n]], dtype=torch.float64)
-        )
-        start += n
+        out.append(scores[start : start + len(it.choices)])
+        start += len(it.choices)
     return out
+
+
+def loglikelihoods(scored: list[list[PairScore]]) -> list[torch.Tensor]:
+    """(n_choices,) log-likelihood of each item's choices."""
+    return [torch.tensor([s.logprob for s in row], dtype=torch.float64) for row in scored]
+
+
+def choice_loglikelihoods(scorer: Scorer, items: list[Item]) -> list[torch.Tensor]:
+    return loglikelihoods(score_choices(scorer, items))
 
 
 def accuracy(items: list[Item], lls: list[torch.Tensor]) -> dict[str, float]:
@@ -86,14 +92,9 @@ def accuracy(items: list[Item], lls: list[torch.Tensor]) -> dict[str, float]:
 def run(scorer: Scorer, path: Path | None, options: TaskOptions) -> TaskResult:
     path = path or DEFAULT
     items = load_items(path, options.limit)
-    before = scorer.truncations.requests, scorer.truncations.tokens
-    lls = choice_loglikelihoods(scorer, items)
-    metrics = accuracy(items, lls)
+    scored = score_choices(scorer, items)
+    metrics = accuracy(items, loglikelihoods(scored))
     metrics["chance"] = sum(1 / len(it.choices) for it in items) / len(items)
-    details = {
-        "truncated": {
-            "requests": scorer.truncations.requests - before[0],
-            "tokens": scorer.truncations.tokens - before[1],
-        }
-    }
+    cuts = [row[0].context_cut for row in scored]  # the choices share their context
+    details = {"truncated": {"requests": sum(c > 0 for c in cuts), "tokens": sum(cuts)}}
     return TaskResult(metrics, len(items), details, {str(path): file_sha256(path)})

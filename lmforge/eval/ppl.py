@@ -33,17 +33,19 @@ def held_out_shakespeare() -> str:
     return text[int(len(text) * (1 - HELD_OUT_FRACTION)) :]
 
 
-def documents(scorer: Scorer, path: Path | None) -> tuple[list[list[int]], int, dict[str, str]]:
-    """(token ids of each document, UTF-8 bytes of their text, files read -> sha256)."""
+def documents(
+    scorer: Scorer, path: Path | None
+) -> tuple[list[list[int]], list[int], dict[str, str]]:
+    """(token ids of each document, UTF-8 bytes of each one's text, files read -> sha256)."""
     if path is None:
         text, source = held_out_shakespeare(), bundled_text_path()
         files = {f"{source} (last 10%)": file_sha256(source)}
-        return scorer.encode_texts([text]), len(text.encode()), files
+        return scorer.encode_texts([text]), [len(text.encode())], files
     if is_prepared(path):
         return _prepared_documents(scorer, path)
     texts = read_documents(str(path), ["text"])
     ids = scorer.encode_texts(texts)
-    return ids, sum(len(t.encode()) for t in texts), {str(path): file_sha256(path)}
+    return ids, [len(t.encode()) for t in texts], {str(path): file_sha256(path)}
 
 
 def _prepared_documents(scorer: Scorer, path: Path):
@@ -56,7 +58,7 @@ def _prepared_documents(scorer: Scorer, path: Path):
     cuts = np.flatnonzero(tokens == ds.eot_id)
     pieces = [d[:-1] if d[-1] == ds.eot_id else d for d in np.split(tokens, cuts + 1) if len(d)]
     docs = [d.tolist() for d in pieces if len(d)]  # the prefix token stands before each
-    nbytes = sum(len(scorer.tokenizer.decode(d).encode()) for d in docs)
+    nbytes = [len(scorer.tokenizer.decode(d).encode()) for d in docs]
     return docs, nbytes, {str(path / "manifest.json"): file_sha256(path / "manifest.json")}
 
 
@@ -77,13 +79,11 @@ def score_documents(scorer: Scorer, docs: list[list[int]], stride: int | None) -
 
 def run(scorer: Scorer, path: Path | None, options: TaskOptions) -> TaskResult:
     docs, nbytes, files = documents(scorer, path)
-    if options.limit is not None:
-        docs = docs[: options.limit]
-        nbytes = sum(len(scorer.tokenizer.decode(d).encode()) for d in docs)
+    docs, nbytes = docs[: options.limit], nbytes[: options.limit]
     stats = score_documents(scorer, docs, options.stride)
     details = {
         "stride": options.stride or scorer.block,
         "documents": len(docs),
         "first_token_unscored": scorer.prefix_id is None,
     }
-    return TaskResult(perplexity(stats, nbytes), len(docs), details, files)
+    return TaskResult(perplexity(stats, sum(nbytes)), len(docs), details, files)

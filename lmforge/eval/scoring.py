@@ -8,7 +8,7 @@ Two kinds of request, as in the harness:
   once, each continuation's own tokens branch off it, and trees are packed into rows of the
   block size with a mask that keeps every tree and branch to itself. Only the positions
   that predict a continuation token go through the output layer. A context too long for
-  the block loses its oldest tokens (counted in `truncations`); a continuation longer than
+  the block loses its oldest tokens (each score says how many); a continuation longer than
   the block is scored in rolling windows after its context.
 - `rolling`: every token of a long text scored exactly once, in windows of the model's
   block size that move by `stride` tokens and keep the rest of the window as context
@@ -22,7 +22,7 @@ and every log-probability is computed in fp32.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,8 @@ class PairScore:
     """Every continuation token is the model's argmax (the harness's second output)."""
     tokens: int
     """Continuation tokens scored."""
+    context_cut: int = 0
+    """Tokens cut from the left of its context to fit the block."""
 
 
 @dataclass
@@ -56,15 +58,6 @@ class TokenStats:
 
 
 @dataclass
-class Truncations:
-    """Contexts cut from the left to fit the block, counted for the report."""
-
-    requests: int = 0
-    tokens: int = 0
-    examples: list[int] = field(default_factory=list)
-
-
-@dataclass
 class _Tree:
     """Requests that share a context, laid out as one stretch of a packed row: the trunk (the
     context, cut to fit the block, then the tokens every continuation begins with; PIQA's two
@@ -74,6 +67,8 @@ class _Tree:
     the trunk runs once."""
 
     trunk: list[int]
+    context_cut: int
+    """Tokens cut from the left of the context to fit the block."""
     shared: int
     """How many trunk tokens are continuation tokens (its last `shared`)."""
     members: list[int]
@@ -100,6 +95,7 @@ class _RowLayout:
         self.predict_at: list[int] = []
         self.targets: list[int] = []
         self.requests: list[tuple[int, list[int]]] = []
+        self.context_cut: list[int] = []  # per request, as in self.requests
         for t, tree in enumerate(trees):
             self._add(t, tree)
 
@@ -126,6 +122,7 @@ class _RowLayout:
             self.predict_at += [start + m - 1] + [own_start + j for j in range(len(inputs))]
             self.targets += suffix
             self.requests.append((i, shared_slots + slots))
+        self.context_cut += [tree.context_cut] * len(tree.members)
 
     def mask(self, T: int) -> torch.Tensor:
         """(T, T) True where a query may attend: an earlier (or the same) token of its own
@@ -144,7 +141,8 @@ class _RowLayout:
 
 class Scorer:
     """Scores text with `model` (a GPT or a PEFT module around one, in eval mode) and its
-    tokenizer, `batch_size` rows per forward pass."""
+    tokenizer, `batch_size` rows per forward pass. Each request's score is kept, so a task
+    that scores what another already did (calibration after mc, or after ppl) costs nothing."""
 
     def __init__(self, model, tokenizer, batch_size: int = 16, progress: bool = False):
         if not hasattr(model, "lm_head") and not hasattr(model, "model"):
@@ -159,7 +157,8 @@ class Scorer:
         self.block = model.config.block_size
         self.device = next(model.parameters()).device
         self.progress = progress
-        self.truncations = Truncations()
+        self._pair_scores: dict[tuple[tuple[int, ...], tuple[int, ...]], PairScore] = {}
+        self._rolled: dict[tuple[tuple[int, ...], int], TokenStats] = {}
         prefix = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eot_id
         self.prefix_id: int | None = prefix
         """Stands before a text with no context (the harness's prefix token): BOS, else the
@@ -201,11 +200,12 @@ class Scorer:
 
     @torch.no_grad()
     def loglikelihood_ids(self, pairs: list[tuple[list[int], list[int]]]) -> list[PairScore]:
-        results: list[PairScore | None] = [None] * len(pairs)
+        keys = [(tuple(ctx), tuple(cont)) for ctx, cont in pairs]
+        results: list[PairScore | None] = [self._pair_scores.get(k) for k in keys]
         for i, (ctx, cont) in enumerate(pairs):
             if not cont:
                 raise LmforgeError(f"request {i}: the continuation is empty")
-            if len(cont) > self.block:  # rare: scored in rolling windows, one request at a time
+            if results[i] is None and len(cont) > self.block:  # rare: in rolling windows
                 stats = self._rolling_seq(ctx + cont, self.block)
                 results[i] = PairScore(
                     stats.logprob[len(ctx) - 1 :].sum().item(),
@@ -213,17 +213,19 @@ class Scorer:
                     len(cont),
                 )
         rows = self._rows(self._trees([p if r is None else None for p, r in zip(pairs, results)]))
-        bar = tqdm(total=len(pairs), disable=not self.progress, desc="loglikelihood", leave=False)
+        total = sum(len(tree.members) for row in rows for tree in row)
+        bar = tqdm(total=total, disable=not self.progress, desc="loglikelihood", leave=False)
         for b in range(0, len(rows), self.batch_size):
             for i, score in self._score_rows(rows[b : b + self.batch_size]):
                 results[i] = score
                 bar.update()
         bar.close()
+        self._pair_scores.update(zip(keys, results))
         return results  # type: ignore[return-value]
 
     def _trees(self, pairs: list[tuple[list[int], list[int]] | None]) -> list[_Tree]:
         """Requests grouped by context, each context cut from the left so that it and its
-        longest continuation fit the block (counted in self.truncations); a group too long
+        longest continuation fit the block; a group too long
         for one row is split into several trees. Longest first, so that a batch too large
         for memory fails at once."""
         members: dict[tuple[int, ...], list[int]] = {}
@@ -234,12 +236,14 @@ class Scorer:
         for ctx, idx in members.items():
             conts = [pairs[i][1] for i in idx]
             shared = common_prefix_length(conts)
-            trunk = self._fit(list(ctx), max(map(len, conts)), idx[0]) + conts[0][:shared]
-            tree = _Tree(trunk, shared, [], [])
+            room = self.block - max(map(len, conts)) + 1  # the last token is never an input
+            cut = max(0, len(ctx) - room)
+            trunk = list(ctx[cut:]) + conts[0][:shared]
+            tree = _Tree(trunk, cut, shared, [], [])
             for i, cont in zip(idx, conts):
                 if tree.members and tree.length + len(cont) - shared - 1 > self.block:
                     trees.append(tree)
-                    tree = _Tree(trunk, shared, [], [])
+                    tree = _Tree(trunk, cut, shared, [], [])
                 tree.members.append(i)
                 tree.suffixes.append(cont[shared:])
             trees.append(tree)
@@ -285,33 +289,15 @@ class Scorer:
             logprobs = F.log_softmax(self._head(hidden[r, where]).float(), dim=-1)  # (n, V)
             picked = logprobs.gather(-1, targets[:, None])[:, 0]
             greedy = logprobs.argmax(-1) == targets
-            for i, tokens in layout.requests:  # tokens: indices into predict_at
-                yield (
-                    i,
-                    PairScore(picked[tokens].sum().item(), bool(greedy[tokens].all()), len(tokens)),
-                )
+            for (i, tokens), cut in zip(layout.requests, layout.context_cut):
+                # tokens: indices into predict_at
+                score = picked[tokens].sum().item()
+                yield i, PairScore(score, bool(greedy[tokens].all()), len(tokens), cut)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         """The decoder's output layer on final hidden states (n, d) -> logits (n, V)."""
         decoder = getattr(self.model, "model", self.model)  # a prefix/P-tuned wrapper's GPT
         return decoder.lm_head(hidden)
-
-    def _fit(self, ctx: list[int], longest: int, request: int) -> list[int]:
-        room = self.block - longest + 1  # the last continuation token is never an input
-        if len(ctx) <= room:
-            return ctx
-        t = self.truncations
-        t.requests += 1
-        t.tokens += len(ctx) - room
-        if len(t.examples) < 5:
-            t.examples.append(request)
-        return ctx[len(ctx) - room :]
-
-    def _dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    def _logits(self, ids, mask, cache=None, logits_to_keep: int = 0) -> torch.Tensor:
-        return self.model(ids, attention_mask=mask, kv_cache=cache, logits_to_keep=logits_to_keep)
 
     # ------------------------------------------------------------------ rolling windows
 
@@ -325,7 +311,10 @@ class Scorer:
         if not 1 <= stride <= self.block:
             raise LmforgeError(f"stride {stride} must be between 1 and the block size {self.block}")
         seq = ([self.prefix_id] if self.prefix_id is not None else []) + list(ids)
-        return self._rolling_seq(seq, stride)
+        key = (tuple(seq), stride)
+        if key not in self._rolled:
+            self._rolled[key] = self._rolling_seq(seq, stride)
+        return self._rolled[key]
 
     def _rolling_seq(self, seq: list[int], stride: int) -> TokenStats:
         """Stats of seq[1:], each target once (see rolling)."""
@@ -340,7 +329,7 @@ class Scorer:
         inputs = torch.zeros(len(windows), longest, dtype=torch.long)
         for r, (begin, end, _) in enumerate(windows):
             inputs[r, : end - begin - 1] = torch.tensor(seq[begin : end - 1])
-        logits = self._logits(inputs.to(self.device), None).float()  # (W, T, V)
+        logits = self.model(inputs.to(self.device)).float()  # (W, T, V)
         out = []
         for r, (begin, end, first_target) in enumerate(windows):
             positions = slice(first_target - begin - 1, end - begin - 1)
