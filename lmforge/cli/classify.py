@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lmforge.cli.options import (
-    FINE_TUNING_DEFAULTS,
-    add_run_options,
-    config_overrides,
-    post_training_config,
-)
+from lmforge.cli.options import FINE_TUNING_DEFAULTS, add_run_options, run_post_training
 
 CLASSIFY_DEFAULTS = {
     **FINE_TUNING_DEFAULTS,
@@ -28,11 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from lmforge.recipes.classify import classify
 
-    overrides = config_overrides(args)
-    for flag, key in ((args.data, "data.path"),
-                      (args.text_field, "classify.text_field"), (args.label_field, "classify.label_field")):  # fmt: skip
-        overrides += [f"--{key}={flag}"] if flag else []
-    overrides += ["--classify.freeze_base=true"] if args.freeze_base else []
-    cfg, resume = post_training_config(args, overrides, CLASSIFY_DEFAULTS)
-    classify(cfg, resume=resume)
-    return 0
+    fields = {"classify.text_field": args.text_field, "classify.label_field": args.label_field}
+    extra = [f"--{key}={value}" for key, value in fields.items() if value]
+    extra += ["--classify.freeze_base=true"] if args.freeze_base else []
+    return run_post_training(args, classify, extra, CLASSIFY_DEFAULTS)

@@ -5,6 +5,7 @@ user gave back into overrides for `lmforge.config`."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +106,18 @@ def post_training_config(args: argparse.Namespace, overrides: list[str], default
         *([args.config] if args.config else []),
     ]
     return build_config(*layers, overrides=[f"--run.base={args.base}", *overrides]), None
+
+
+def run_post_training(
+    args: argparse.Namespace,
+    recipe: Callable[..., Any],
+    extra: Sequence[str] = (),
+    defaults: dict = FINE_TUNING_DEFAULTS,
+) -> int:
+    """What a post-training verb's run() does: --data and the verb's own flags (`extra`
+    overrides) on top of the config keys, the config built, then `recipe(cfg, resume=...)`."""
+    overrides = config_overrides(args)
+    overrides += [f"--data.path={args.data}"] if args.data else []
+    cfg, resume = post_training_config(args, [*overrides, *extra], defaults)
+    recipe(cfg, resume=resume)
+    return 0

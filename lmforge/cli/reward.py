@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lmforge.cli.options import (
-    FINE_TUNING_DEFAULTS,
-    add_run_options,
-    config_overrides,
-    post_training_config,
-)
+from lmforge.cli.options import add_run_options, run_post_training
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -24,8 +19,4 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from lmforge.recipes import preference
 
-    overrides = config_overrides(args)
-    overrides += [f"--data.path={args.data}"] if args.data else []
-    cfg, resume = post_training_config(args, overrides, FINE_TUNING_DEFAULTS)
-    getattr(preference, args.verb)(cfg, resume=resume)
-    return 0
+    return run_post_training(args, getattr(preference, args.verb))  # reward() or dpo()
