@@ -35,7 +35,7 @@ from rouge_score import rouge_scorer
 from tqdm import tqdm
 
 from lmforge.common import LmforgeError
-from lmforge.data.sft import Example, read_records, split_records
+from lmforge.data.sft import read_records, split_records
 from lmforge.engine import Engine, SamplingParams
 from lmforge.eval.scoring import Scorer
 from lmforge.eval.tasks import ASSETS, EVAL_ASSETS, TaskOptions, TaskResult, file_sha256
@@ -172,11 +172,8 @@ def plain_answers(scorer: Scorer, prompts: list[str], max_new_tokens: int) -> li
 
 
 def chat_answers(scorer: Scorer, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
-    examples = [  # answer() generates after the conversation without its last (assistant) turn
-        Example([], [], [{"role": "user", "content": p}, {"role": "assistant", "content": ""}])
-        for p in prompts
-    ]
-    answers = answer(scorer.model, scorer.tokenizer, examples, max_new_tokens, len(prompts))
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
+    answers = answer(scorer.model, scorer.tokenizer, conversations, max_new_tokens, len(prompts))
     return [ids for ids, _ in answers]
 
 

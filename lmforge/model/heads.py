@@ -44,23 +44,35 @@ class SequenceClassifier(nn.Module):
     @torch.no_grad()
     def predict(self, texts: list[str], batch_size: int = 32) -> list[str]:
         """The most likely label of each text (needs the tokenizer lmforge.load attaches)."""
-        from lmforge.data.classify import encode_text, pad_batch
+        from lmforge.data.classify import encode_text
 
+        ids = [encode_text(self._tokenizer(), t, self.config.block_size) for t in texts]
+        if not ids:
+            return []
+        return [self.labels[j] for j in self.outputs(ids, batch_size).argmax(-1).tolist()]
+
+    def _tokenizer(self):
         if self.tokenizer is None:
-            raise ValueError("no tokenizer attached: load the classifier with lmforge.load")
+            raise ValueError(
+                f"no tokenizer attached: load the {type(self).__name__} with lmforge.load"
+            )
+        return self.tokenizer
+
+    @torch.no_grad()
+    def outputs(self, ids: list[list[int]], batch_size: int) -> torch.Tensor:
+        """forward over non-empty token id lists, batch_size at a time, padded, in eval mode:
+        (N, C) logits, or (N,) rewards."""
+        from lmforge.data.classify import pad_batch
+
         was_training = self.training
         self.eval()
-        out: list[str] = []
-        for i in range(0, len(texts), batch_size):
-            ids = [
-                encode_text(self.tokenizer, t, self.config.block_size)
-                for t in texts[i : i + batch_size]
-            ]
-            batch = pad_batch(ids, [0] * len(ids), self.tokenizer.pad_id or 0)
-            logits = self(batch["input_ids"], batch["attention_mask"])
-            out += [self.labels[j] for j in logits.argmax(-1).tolist()]
+        out = []
+        for i in range(0, len(ids), batch_size):
+            chunk = ids[i : i + batch_size]
+            batch = pad_batch(chunk, [0] * len(chunk), self.tokenizer.pad_id or 0)
+            out.append(self(batch["input_ids"], batch["attention_mask"]))
         self.train(was_training)
-        return out
+        return torch.cat(out)
 
 
 class RewardModel(SequenceClassifier):
@@ -79,26 +91,15 @@ class RewardModel(SequenceClassifier):
     def score(self, prompts: list[str], responses: list[str], batch_size: int = 32) -> list[float]:
         """The reward of each (user prompt, assistant response) in the chat format (needs the
         tokenizer lmforge.load attaches)."""
-        from lmforge.data.classify import pad_batch
         from lmforge.data.sft import to_example
 
-        if self.tokenizer is None:
-            raise ValueError("no tokenizer attached: load the reward model with lmforge.load")
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        was_training = self.training
-        self.eval()
-        block = self.config.block_size
-        out: list[float] = []
-        for i in range(0, len(prompts), batch_size):
-            ids = [  # as in training: the conversation's inputs, the answer's last token last
-                to_example(
-                    self.tokenizer,
-                    [{"role": "user", "content": p}, {"role": "assistant", "content": r}],
-                ).input_ids[-block:]
-                for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])
-            ]
-            batch = pad_batch(ids, [0] * len(ids), self.tokenizer.pad_id or 0)
-            out += self(batch["input_ids"], batch["attention_mask"]).tolist()
-        self.train(was_training)
-        return out
+        tokenizer, block = self._tokenizer(), self.config.block_size
+        ids = [  # as in training: the conversation's inputs, the answer's last token last
+            to_example(
+                tokenizer, [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
+            ).input_ids[-block:]
+            for p, r in zip(prompts, responses)
+        ]
+        return self.outputs(ids, batch_size).tolist() if ids else []

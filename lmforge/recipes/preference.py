@@ -75,9 +75,10 @@ def _fit_pairs(
         model = make_model(base_model)
         trainable, total = trainable_share(model)
         t = cfg.train
-        loader_args = (t.micro_batch_size, block, tokenizer.pad_id or 0, t.seed, info.rank)
-        train_loader = ExampleLoader(train, *loader_args, info.world_size, pad=pad_pairs)
-        val_loader = ExampleLoader(val, *loader_args, info.world_size, pad=pad_pairs)
+        pad_id = tokenizer.pad_id or 0
+        loader_args = (t.micro_batch_size, block, pad_id, t.seed, info.rank, info.world_size)
+        train_loader = ExampleLoader(train, *loader_args, pad=pad_pairs)
+        val_loader = ExampleLoader(val, *loader_args, pad=pad_pairs)
         run_dir = run_folder(cfg, resume, info)
         trainer = Trainer(
             cfg, model, train_loader, val_loader.each_batch_once, run_dir, info,

@@ -18,7 +18,7 @@ from lmforge.chat import render_conversation
 from lmforge.common import print0, seed_everything
 from lmforge.config import Config
 from lmforge.data.example_loader import ExampleLoader
-from lmforge.data.sft import Example, load_examples
+from lmforge.data.sft import load_examples
 from lmforge.engine import Engine, SamplingParams
 from lmforge.model.peft import apply_peft, trainable_share
 from lmforge.recipes.run import load_base, run_folder
@@ -30,16 +30,19 @@ from lmforge.train.trainer import Trainer
 
 
 def answer(
-    model, tokenizer: Tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int = 16
+    model,
+    tokenizer: Tokenizer,
+    conversations: list[list[dict]],
+    max_new_tokens: int,
+    batch_size: int = 16,
 ) -> list[tuple[list[int], bool]]:
-    """Greedy answers to each example's conversation without its last (assistant) turn ->
-    [(answer ids, ended with end-of-turn)]."""
+    """Greedy assistant answers to each conversation (chat messages up to the assistant's
+    turn) -> [(answer ids, ended with end-of-turn)]."""
     end = tokenizer.tok.token_to_id(END_TURN)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, stop_ids=(end,))
     engine = Engine(model, pad_id=tokenizer.pad_id or 0)
     prompts = [
-        render_conversation(tokenizer, e.messages[:-1], add_generation_prompt=True)[0]
-        for e in examples
+        render_conversation(tokenizer, c, add_generation_prompt=True)[0] for c in conversations
     ]
     out: list[tuple[list[int], bool]] = []
     for i in range(0, len(prompts), batch_size):
@@ -77,7 +80,7 @@ def sft(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
         val_loader = ExampleLoader(
             val_ex, t.micro_batch_size, block, pad_id, t.seed, info.rank, info.world_size
         )
-        probe = val_ex[: t.eval_generations]
+        probe = [e.messages[:-1] for e in val_ex[: t.eval_generations]]  # up to the answer
 
         def end_rate() -> dict[str, float]:
             answers = answer(model, tokenizer, probe, t.eval_max_new_tokens)
@@ -108,7 +111,10 @@ def sft(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
         result = trainer.fit()
         if info.is_main:
             for e, (ids, ended) in zip(
-                val_ex[:3], answer(model, tokenizer, val_ex[:3], t.eval_max_new_tokens)
+                val_ex[:3],
+                answer(
+                    model, tokenizer, [e.messages[:-1] for e in val_ex[:3]], t.eval_max_new_tokens
+                ),
             ):
                 print0(
                     f"\n--- {e.messages[-2]['content'][:200]}\n>>> {tokenizer.decode(ids)}{'' if ended else ' [...]'}"
