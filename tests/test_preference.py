@@ -228,3 +228,30 @@ def test_best_of_n_refuses_a_non_reward_model_and_another_tokenizer(tok, base, t
         assert main(argv) == 1
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.parametrize("verb", ["reward", "dpo"])
+def test_a_preference_run_resumes_in_a_new_process_with_the_same_losses(
+    verb, base, data, tmp_path, capsys
+):
+    import subprocess
+    import sys
+
+    run = tmp_path / verb
+    argv = [verb, "--base", str(base), "--data", str(data), f"--run.dir={tmp_path}",
+            f"--run.name={verb}", "--train.max_steps=4", "--train.ckpt_interval=2",
+            "--train.log_interval=1",
+            "--train.eval_interval=4", "--train.micro_batch_size=4", "--train.lr=1e-3",
+            "--run.tensorboard=false", "--train.precision=fp32"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (run / "checkpoints" / "latest").write_text("step_0000002\n")
+    (run / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= 2 and "loss" in r)
+    )
+    resume = [sys.executable, "-m", "lmforge", verb, f"--resume={run}"]
+    proc = subprocess.run(resume, capture_output=True, text=True, timeout=300)  # a new process
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    resumed = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = lambda rs: [(r["step"], r["loss"]) for r in rs if "loss" in r]  # noqa: E731
+    assert losses(resumed) == losses(rows) and len(losses(rows)) >= 2
