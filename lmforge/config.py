@@ -385,6 +385,81 @@ class DPOConfig:
             )
 
 
+PPO_ALGOS = ("ppo", "grpo")
+
+
+@dataclass
+class PPOConfig:
+    """RL from a reward model (`lmforge ppo`): rollouts sampled from the policy, scored, and
+    optimised with clipped policy-gradient steps on a KL leash to the frozen base."""
+
+    algo: str = "ppo"
+    """ppo (value head + GAE, KL penalty in the reward) or grpo (group-normalised rewards as
+    advantages, no value head, KL term in the loss)."""
+    reward: str = ""
+    """The reward model checkpoint (`lmforge reward`) that scores the answers."""
+    rollout_batch: int = 64
+    """Answers sampled per rollout (per rank); a multiple of the optimizer batch."""
+    group_size: int = 4
+    """grpo: answers sampled per prompt, normalised within the group (ppo samples each once)."""
+    epochs: int = 2
+    """Passes of optimizer steps over each rollout batch."""
+    max_new_tokens: int = 64
+    """Longest answer sampled; prompts that leave less room in the block are dropped."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probabilities are taken at the same temperature."""
+    kl_coef: float = 0.05
+    """beta: ppo's per-token KL penalty in the reward, grpo's KL term in the loss."""
+    kl_target: float = 0.0
+    """ppo: > 0 adapts kl_coef to hold this KL per answer (nats; Ziegler et al. 2019);
+    0 keeps it fixed."""
+    kl_horizon: int = 10000
+    """Adaptive KL: answers over which kl_coef may move by about the proportional error."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    clip: float = 0.2
+    """Policy ratio clip range (1 - clip, 1 + clip)."""
+    value_clip: float = 0.2
+    """Clip of the value prediction around its rollout value."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus."""
+    whiten: bool = True
+    """ppo: normalise advantages over each rollout's answer tokens."""
+    missing_end_penalty: float = 0.0
+    """Subtracted from the reward of an answer cut at max_new_tokens without ending its turn."""
+    eval_prompts: int = 0
+    """Held-out prompts answered at each evaluation (0 = all)."""
+
+    def __post_init__(self) -> None:
+        if self.algo not in PPO_ALGOS:
+            raise LmforgeError(
+                f"ppo.algo={self.algo!r} must be one of {', '.join(PPO_ALGOS)}"
+                f"{did_you_mean(self.algo, PPO_ALGOS)}"
+            )
+        for name in ("rollout_batch", "group_size", "epochs", "max_new_tokens", "kl_horizon"):
+            if getattr(self, name) < 1:
+                raise LmforgeError(f"ppo.{name}={getattr(self, name)} must be >= 1")
+        if self.algo == "grpo" and self.group_size < 2:
+            raise LmforgeError(f"ppo.group_size={self.group_size}: grpo needs >= 2 per prompt")
+        if self.algo == "grpo" and self.rollout_batch % self.group_size:
+            raise LmforgeError(
+                f"ppo.rollout_batch={self.rollout_batch} must be a multiple of "
+                f"ppo.group_size={self.group_size}"
+            )
+        if self.temperature <= 0:
+            raise LmforgeError(f"ppo.temperature={self.temperature} must be > 0 (sampled)")
+        for name in ("kl_coef", "kl_target", "clip", "value_clip", "vf_coef", "entropy_coef",
+                     "missing_end_penalty", "eval_prompts"):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise LmforgeError(f"ppo.{name}={getattr(self, name)} must be >= 0")
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise LmforgeError(f"ppo.gamma={self.gamma} and ppo.lam={self.lam} must be in [0, 1]")
+
+
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
@@ -395,6 +470,7 @@ class Config:
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
 
 # ---------------------------------------------------------------- `lmforge prepare`'s tree

@@ -9,6 +9,7 @@ import torch
 
 from lmforge.config import build_config, model_config
 from lmforge.model.gpt import GPT
+from lmforge.model.heads import RewardModel
 from lmforge.train.checkpoint import save_checkpoint
 
 
@@ -24,5 +25,24 @@ def save_base():
         return save_checkpoint(
             folder, GPT(model_config(**fields)), build_config({"model": fields}), tokenizer
         )
+
+    return save
+
+
+@pytest.fixture(scope="session")
+def save_reward_model():
+    """save_reward_model(folder, tokenizer, block_size=160): a checkpoint of a randomly
+    initialised llama-tiny reward model reading that tokenizer."""
+
+    def save(folder: Path, tokenizer, block_size: int = 160) -> Path:
+        fields = {
+            "preset": "llama-tiny",
+            "vocab_size": tokenizer.vocab_size,
+            "block_size": block_size,
+        }
+        torch.manual_seed(1)
+        model = RewardModel(GPT(model_config(**fields)))
+        cfg = build_config({"model": fields, "run": {"head": "reward"}})
+        return save_checkpoint(folder, model, cfg, tokenizer)
 
     return save

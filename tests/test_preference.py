@@ -195,23 +195,14 @@ def test_sequence_logprobs_sum_only_labelled_positions():
     assert torch.allclose(sequence_logprobs(logits, labels), expected)
 
 
-def _save_reward_model(folder: Path, tokenizer) -> Path:
-    from lmforge.config import build_config
-    from lmforge.train.checkpoint import save_checkpoint
-
-    fields = {"preset": "llama-tiny", "vocab_size": tokenizer.vocab_size, "block_size": 160}
-    torch.manual_seed(1)
-    model = RewardModel(GPT(model_config(**fields)))
-    cfg = build_config({"model": fields, "run": {"head": "reward"}})
-    return save_checkpoint(folder, model, cfg, tokenizer)
-
-
-def test_best_of_n_keeps_the_answer_the_reward_model_scores_highest(tok, base, tmp_path):
+def test_best_of_n_keeps_the_answer_the_reward_model_scores_highest(
+    tok, base, tmp_path, save_reward_model
+):
     from lmforge.engine import SamplingParams
     from lmforge.recipes.best_of_n import best_of_n, load_reward_model
 
     policy, _ = lmforge.load(base)
-    reward_model = load_reward_model(str(_save_reward_model(tmp_path / "rm", tok)), tok)
+    reward_model = load_reward_model(str(save_reward_model(tmp_path / "rm", tok)), tok)
     params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=0)
     choice = best_of_n(policy, tok, reward_model, "Say something kind.", 4, params)
     assert len(choice.rewards) == 4 and choice.reward == max(choice.rewards)
@@ -220,8 +211,10 @@ def test_best_of_n_keeps_the_answer_the_reward_model_scores_highest(tok, base, t
     )
 
 
-def test_best_of_n_refuses_a_non_reward_model_and_another_tokenizer(tok, base, tmp_path, capsys):
-    other = _save_reward_model(tmp_path / "other", train_bpe(["a different corpus " * 50], 300))
+def test_best_of_n_refuses_a_non_reward_model_and_another_tokenizer(
+    tok, base, tmp_path, capsys, save_reward_model
+):
+    other = save_reward_model(tmp_path / "other", train_bpe(["a different corpus " * 50], 300))
     for reward, message in [(base, "is not a reward model"), (other, "another tokenizer")]:
         argv = ["generate", "--checkpoint", str(base), "--chat", "--prompt", "hi",
                 "--best-of", "2", "--reward", str(reward)]  # fmt: skip

@@ -20,6 +20,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval": ("lmforge.cli.eval", "score a checkpoint on evaluation tasks; report.json/md + plots"),
     "reward": ("lmforge.cli.reward", "train a reward model on preference pairs (Bradley-Terry)"),
     "dpo": ("lmforge.cli.dpo", "direct preference optimisation against a frozen reference"),
+    "ppo": ("lmforge.cli.ppo", "RL from a reward model: PPO or GRPO on a KL leash"),
     "generate": ("lmforge.cli.generate", "generate text from a checkpoint"),
     "export": ("lmforge.cli.export", "export a checkpoint to Hugging Face format"),
     "import": ("lmforge.cli.import_hf", "import a Hugging Face model folder as a checkpoint"),

@@ -1,7 +1,7 @@
 """Preference pairs (reward model, DPO): records holding a prompt and a `chosen` and a
 `rejected` answer, rendered in the chat format as two conversations that share the prompt.
 
-The prompt is alpaca's `instruction` (+ `input`), or `prompt`; the bundled preferences.json
+The prompt is alpaca's `instruction` (+ `input`), `prompt`, or chat `messages`; the bundled preferences.json
 holds instruction/input/output/chosen/rejected. A pair whose answers are equal teaches nothing
 and is skipped (counted); a pair too long for the block is dropped (counted), as in SFT; a
 prompt that alone fills the block is an error naming its record.
@@ -15,7 +15,7 @@ import torch
 
 from lmforge.common import LmforgeError
 from lmforge.data.example_loader import pad_examples
-from lmforge.data.sft import Example, split_records, to_example, to_messages
+from lmforge.data.sft import Example, prompt_messages, split_records, to_example
 
 
 @dataclass
@@ -39,12 +39,7 @@ class PairStats:
 
 def conversation(record: dict, answer: str, where: str) -> list[dict]:
     """The record's prompt with `answer` as the assistant's turn, as chat messages."""
-    if "prompt" in record:
-        return to_messages({"prompt": record["prompt"], "completion": answer}, where)
-    if "instruction" in record:
-        fields = {"instruction": record["instruction"], "input": record.get("input", "")}
-        return to_messages({**fields, "output": answer}, where)
-    raise LmforgeError(f"{where} has no 'instruction' or 'prompt' field")
+    return [*prompt_messages(record, where), {"role": "assistant", "content": answer}]
 
 
 def to_pair(tokenizer, record: dict, where: str, max_len: int, stats: PairStats) -> Pair | None:

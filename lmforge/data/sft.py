@@ -72,11 +72,8 @@ def to_messages(record: dict, where: str) -> list[dict]:
     if "messages" in record:
         messages = record["messages"]
     elif "instruction" in record and "output" in record:
-        prompt = record["instruction"]
-        if record.get("input"):
-            prompt = f"{prompt}\n\n{record['input']}"
         messages = [
-            {"role": "user", "content": prompt},
+            {"role": "user", "content": alpaca_prompt(record)},
             {"role": "assistant", "content": record["output"]},
         ]
     elif "prompt" in record and "completion" in record:
@@ -90,6 +87,35 @@ def to_messages(record: dict, where: str) -> list[dict]:
             f"'prompt' + 'completion'; found {sorted(record)}"
         )
     check_conversation(messages, where)
+    return messages
+
+
+def alpaca_prompt(record: dict) -> str:
+    """An alpaca record's user message: the instruction, then its input after a blank line."""
+    prompt = record["instruction"]
+    return f"{prompt}\n\n{record['input']}" if record.get("input") else prompt
+
+
+def prompt_messages(record: dict, where: str) -> list[dict]:
+    """A record's conversation up to the assistant's turn (what a policy answers): chat
+    messages without a final assistant message, an alpaca instruction (+ input), or a prompt;
+    any answer the record holds is left out."""
+    if not isinstance(record, dict):
+        raise LmforgeError(f"{where}: a record must be a JSON object")
+    if "messages" in record:
+        messages = list(record["messages"])
+        if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+            messages = messages[:-1]
+    elif "instruction" in record:
+        messages = [{"role": "user", "content": alpaca_prompt(record)}]
+    elif "prompt" in record:
+        messages = [{"role": "user", "content": record["prompt"]}]
+    else:
+        raise LmforgeError(
+            f"{where}: no prompt: expected 'messages', 'instruction' or 'prompt'; found "
+            f"{sorted(record)}"
+        )
+    check_conversation([*messages, {"role": "assistant", "content": ""}], where)
     return messages
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lmforge.model.gpt import GPT
+
 
 def last_token_index(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
     """(B,) index of each row's last real token, for left or right padding (mask (B, T), 1 on
@@ -91,15 +93,49 @@ class RewardModel(SequenceClassifier):
     def score(self, prompts: list[str], responses: list[str], batch_size: int = 32) -> list[float]:
         """The reward of each (user prompt, assistant response) in the chat format (needs the
         tokenizer lmforge.load attaches)."""
-        from lmforge.data.sft import to_example
-
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        return self.score_conversations(
+            [
+                [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
+                for p, r in zip(prompts, responses)
+            ],
+            batch_size,
+        )
+
+    @torch.no_grad()
+    def score_conversations(
+        self, conversations: list[list[dict]], batch_size: int = 32
+    ) -> list[float]:
+        """The reward of each chat conversation ending with the assistant's answer."""
+        from lmforge.data.sft import to_example
+
         tokenizer, block = self._tokenizer(), self.config.block_size
-        ids = [  # as in training: the conversation's inputs, the answer's last token last
-            to_example(
-                tokenizer, [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
-            ).input_ids[-block:]
-            for p, r in zip(prompts, responses)
-        ]
+        # as in training: the conversation's inputs, the answer's last token last
+        ids = [to_example(tokenizer, c).input_ids[-block:] for c in conversations]
         return self.outputs(ids, batch_size).tolist() if ids else []
+
+
+class ActorCritic(nn.Module):
+    """A policy (a GPT, or a PEFT module around one) with a value head on its final hidden
+    states, for PPO: forward -> (logits (B, T, V), values (B, T)) from one pass of the
+    backbone. The value head starts at zero, so the first values are 0. Checkpoints keep the
+    policy as a plain language model (lmforge.load gives the policy) and the value head
+    beside it for resume (lmforge/train/checkpoint.py)."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.config = policy.config
+        self.value_head = nn.Linear(self.config.d_model, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.policy(
+            input_ids, attention_mask=attention_mask, return_hidden=True
+        )  # (B, T, d)
+        gpt = next(m for m in self.policy.modules() if isinstance(m, GPT))
+        return gpt.lm_head(hidden), self.value_head(hidden)[..., 0]

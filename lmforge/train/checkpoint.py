@@ -21,7 +21,7 @@ from lmforge.common import LmforgeError
 from lmforge.config import Config, build_config, save_config
 from lmforge.fileio import atomic_folder, atomic_write_text, contained
 from lmforge.model.gpt import GPT
-from lmforge.model.heads import RewardModel, SequenceClassifier
+from lmforge.model.heads import ActorCritic, RewardModel, SequenceClassifier
 from lmforge.model.peft import (
     ADAPTER_WEIGHTS,
     apply_peft,
@@ -34,6 +34,8 @@ from lmforge.tokenizer import Tokenizer, load_tokenizer
 WEIGHTS = "model.safetensors"
 TRAINABLE = "trainable.safetensors"
 """PEFT runs: the parameters that train (encoders unfolded), what resume needs."""
+VALUE_HEAD = "value_head.safetensors"
+"""PPO runs: the value head beside the policy, what resume needs (loading ignores it)."""
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer"
 TRAINER_STATE = "trainer_state.pt"
@@ -50,9 +52,13 @@ def save_checkpoint(
     """Write a checkpoint folder atomically; an existing folder of the same name is replaced
     only after the new one is complete on disk. With a PEFT method (cfg.peft) only the adapter
     is written (adapter.safetensors + adapter.yaml naming the base, cfg.run.base, by its
-    weights' sha256) and, for resume, the trainable parameters as they train."""
+    weights' sha256) and, for resume, the trainable parameters as they train. A PPO
+    ActorCritic is saved as its policy, with its value head in value_head.safetensors."""
     folder = Path(folder)
     with atomic_folder(folder) as tmp:
+        if isinstance(model, ActorCritic):
+            save_model(model.value_head, str(tmp / VALUE_HEAD))
+            model = model.policy
         if cfg.peft.method == "none" or cfg.run.head != "lm" or cfg.classify.labels:  # heads: all
             save_model(model, str(tmp / WEIGHTS))
         else:
@@ -93,7 +99,13 @@ def load_weights(model: GPT, folder: str | Path, assign: bool = False) -> None:
     """Load model.safetensors into `model`, strictly: a shape or name mismatch is a user error.
     assign=True takes the file's tensors as the model's own (GPT.assign_weights), for a model
     built on the meta device; otherwise they are copied into the existing parameters (which an
-    optimizer may already hold)."""
+    optimizer may already hold). An ActorCritic takes its policy's weights and its value head."""
+    if isinstance(model, ActorCritic):
+        path = Path(folder) / VALUE_HEAD
+        if not path.is_file():
+            raise LmforgeError(f"{folder} has no {VALUE_HEAD}: it is not a PPO checkpoint")
+        load_model(model.value_head, str(path))
+        model = model.policy
     if (Path(folder) / TRAINABLE).is_file():  # a PEFT run: the adapter's parameters only
         _load_trainable(model, Path(folder) / TRAINABLE)
         return

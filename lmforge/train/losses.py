@@ -177,3 +177,83 @@ class RewardLoss:
             "margin": gap.detach().sum(),
         }
         return loss, metrics
+
+
+def answer_logprobs(
+    logits: torch.Tensor, answer_ids: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the answer tokens and the full next-token distributions that
+    produced them: logits (N, L, V) whose last R positions predict answer_ids (N, R) ->
+    (log p(answer token) (N, R), log p(every token) (N, R, V)), at `temperature`."""
+    R = answer_ids.size(1)
+    logprobs = F.log_softmax(logits[:, -R:].float() / temperature, dim=-1)  # (N, R, V)
+    return logprobs.gather(-1, answer_ids[..., None])[..., 0], logprobs
+
+
+class PPOLoss:
+    """The clipped surrogate of PPO (Schulman et al. 2017) on rollout micro-batches (lmforge/
+    data/rollouts.py), summed over answer tokens (the units):
+
+        -min(ratio * A, clip(ratio, 1 - clip, 1 + clip) * A) + vf_coef * value loss
+        - entropy_coef * entropy [+ kl_coef * KL(policy || reference) for grpo]
+
+    ratio = p_new / p_old of the answer token. With a value head (the model returns (logits,
+    values), heads.ActorCritic), the value loss is 0.5 * max((V - R)^2, (V_clipped - R)^2)
+    with V clipped to old V +- value_clip. GRPO has no value head; its KL term is the
+    unbiased k3 estimate exp(q - p) - (q - p) - 1 (Schulman 2020) of log-probs p (policy)
+    and q (reference), as DeepSeekMath's GRPO.
+
+    Metrics (per answer token): policy_loss, value_loss, entropy, clip_fraction (tokens
+    whose clipped term is the one taken), approx_kl (0.5 (log ratio)^2 to the rollout
+    policy), ratio."""
+
+    def __init__(
+        self,
+        clip: float = 0.2,
+        value_clip: float = 0.2,
+        vf_coef: float = 0.1,
+        entropy_coef: float = 0.0,
+        kl_coef: float = 0.0,
+        temperature: float = 1.0,
+    ):
+        self.clip, self.value_clip, self.vf_coef = clip, value_clip, vf_coef
+        self.entropy_coef, self.kl_coef, self.temperature = entropy_coef, kl_coef, temperature
+
+    def units(self, batch: Batch) -> torch.Tensor:
+        return batch["answer_mask"].sum()
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+        out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits, values = out if isinstance(out, tuple) else (out, None)  # (N, L, V), (N, L)
+        mask = batch["answer_mask"].float()  # (N, R)
+        logp, all_logp = answer_logprobs(logits, batch["answer_ids"], self.temperature)
+        log_ratio = logp - batch["old_logprobs"]
+        ratio = log_ratio.exp()
+        advantages = batch["advantages"]
+        plain = -advantages * ratio
+        clipped = -advantages * ratio.clamp(1 - self.clip, 1 + self.clip)
+        policy_loss = torch.maximum(plain, clipped)  # (N, R)
+        entropy = -(all_logp.exp() * all_logp).sum(-1)  # (N, R)
+        per_token = policy_loss - self.entropy_coef * entropy
+        metrics: dict[str, Any] = {"tokens": batch["input_ids"].numel()}
+        if values is not None:
+            R = mask.size(1)
+            v, old_v, returns = values[:, -R:].float(), batch["old_values"], batch["returns"]
+            v_clipped = old_v + (v - old_v).clamp(-self.value_clip, self.value_clip)
+            value_loss = 0.5 * torch.maximum((v - returns) ** 2, (v_clipped - returns) ** 2)
+            per_token = per_token + self.vf_coef * value_loss
+            metrics["value_loss"] = (value_loss.detach() * mask).sum()
+        if self.kl_coef > 0:
+            to_ref = batch["ref_logprobs"] - logp  # log q - log p
+            per_token = per_token + self.kl_coef * (to_ref.exp() - to_ref - 1)
+        metrics |= {
+            name: (value.detach() * mask).sum()
+            for name, value in (
+                ("policy_loss", policy_loss),
+                ("entropy", entropy),
+                ("clip_fraction", (clipped > plain).float()),
+                ("approx_kl", 0.5 * log_ratio**2),
+                ("ratio", ratio),
+            )
+        }
+        return (per_token * mask).sum(), metrics

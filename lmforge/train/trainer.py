@@ -5,6 +5,12 @@ with its own loss (lmforge/train/losses.py: `units(batch)` and `loss_fn(model, b
 A step fetches all its micro-batches first, counts their loss units across micro-batches and
 ranks, and back-propagates each micro-batch's loss sum divided by that total: accumulation
 and DDP then give exactly the gradient of one big batch, whatever each micro-batch holds.
+
+The train loader gives each step's micro-batches (`next_step(accum)`), its position for
+resume (`state_dict`/`load_state_dict`) and, optionally, figures of its own to log with
+the step (`step_metrics()`: PPO's rollout loader makes its rollouts there and reports their
+reward and KL). Evaluation runs the validation batches through the loss, `extra_eval`, or
+both.
 """
 
 from __future__ import annotations
@@ -47,6 +53,10 @@ _PRINTED = {
     "val_end_rate": ".1%",
     "val_accuracy": ".1%",
     "val_f1": ".3f",
+    "reward": ".3f",
+    "kl": ".2f",
+    "val_reward": ".3f",
+    "val_kl": ".2f",
     "lr": ".2e",
     "grad_norm": ".4f",
     "tokens_per_s": ".0f",
@@ -159,6 +169,8 @@ class Trainer:
         self.step += 1
         self.tokens += int(totals["tokens"])
         row["tokens"] = self.tokens
+        if hasattr(self.train_loader, "step_metrics"):
+            row |= self.train_loader.step_metrics()
         if accum != self.tcfg.grad_accum_steps or self.tcfg.batch_ramp_interval:
             row["accum"] = accum
         return row
@@ -195,16 +207,17 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
         """Per-unit mean loss (and metrics) over the validation batches of all ranks; for a
-        next-token loss also perplexity and bits per byte."""
-        self.model.eval()
-        batches = (self._to_device(b) for b in self.val_batches())
-        totals = _reduce_over_ranks(self._run_batches(self.eval_loss_fn, self.model, batches))
+        next-token loss also perplexity and bits per byte; then extra_eval's figures."""
         row: dict[str, Any] = {"step": self.step, "tokens": self.tokens}
-        row |= _per_unit(totals, prefix="val_")
-        if isinstance(self.eval_loss_fn, CausalLMLoss):  # other losses are not per token
-            row["val_ppl"] = math.exp(min(row["val_loss"], 50.0))
-        if self.bytes_per_token:
-            row["val_bpb"] = row["val_loss"] / math.log(2) / self.bytes_per_token
+        if self.val_batches is not None:
+            self.model.eval()
+            batches = (self._to_device(b) for b in self.val_batches())
+            sums = self._run_batches(self.eval_loss_fn, self.model, batches)
+            row |= _per_unit(_reduce_over_ranks(sums), prefix="val_")
+            if isinstance(self.eval_loss_fn, CausalLMLoss):  # other losses are not per token
+                row["val_ppl"] = math.exp(min(row["val_loss"], 50.0))
+            if self.bytes_per_token:
+                row["val_bpb"] = row["val_loss"] / math.log(2) / self.bytes_per_token
         if self.extra_eval is not None:
             row |= self.extra_eval()
         return row
@@ -335,7 +348,8 @@ class Trainer:
         start = time.perf_counter()
         stop_reason = None
         try:
-            if self.step == 0 and self.val_batches is not None:  # the baseline
+            evaluates = self.val_batches is not None or self.extra_eval is not None
+            if self.step == 0 and evaluates:  # the baseline
                 last_eval = self._eval_and_track(start)
             while self.step < t.max_steps:
                 t0, tokens_before = time.perf_counter(), self.tokens
@@ -365,7 +379,7 @@ class Trainer:
                 )
                 stop_reason = self._should_stop(start)
                 final = self.step >= t.max_steps or stop_reason is not None
-                if self.val_batches is not None and (self.step % t.eval_interval == 0 or final):
+                if evaluates and (self.step % t.eval_interval == 0 or final):
                     last_eval = self._eval_and_track(start)
                 if self.step % t.ckpt_interval == 0 or final:
                     self.save_checkpoint()
@@ -386,8 +400,9 @@ class Trainer:
     def _eval_and_track(self, start: float) -> dict[str, Any]:
         row = self.evaluate()
         row["elapsed_s"] = time.perf_counter() - start
-        if self.step > 0 and row["val_loss"] < self.best_val:  # step 0 has no checkpoint
-            self.best_val, self.best_step = row["val_loss"], self.step
+        val_loss = row.get("val_loss", math.inf)
+        if self.step > 0 and val_loss < self.best_val:  # step 0 has no checkpoint
+            self.best_val, self.best_step = val_loss, self.step
         self._log(row, force_print=True)
         return row
 
