@@ -142,7 +142,12 @@ def score_answers(
     eval mode: logprobs and ref_logprobs of each answer token (N, R), values (N, R; zeros
     without a value head) and kl (N, R), the exact KL(policy || reference) of each token's
     next-token distributions (zero on padding)."""
-    out: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "kl": []}
+    out: dict[str, list[torch.Tensor]] = {
+        "logprobs": [],
+        "ref_logprobs": [],
+        "values": [],
+        "kl": [],
+    }
     modes = model.training, reference.training
     model.eval(), reference.eval()
     try:
@@ -291,7 +296,9 @@ class RolloutLoader:
         n = accum_steps * self.micro_batch_size
         if self.pass_ >= self.cfg.epochs:
             self.rollout()
-        order = torch.randperm(self.cfg.rollout_batch, generator=self._rng(self.rollouts, self.pass_))
+        order = torch.randperm(
+            self.cfg.rollout_batch, generator=self._rng(self.rollouts, self.pass_)
+        )
         rows = order[self.row : self.row + n]
         self.row += n
         if self.row >= self.cfg.rollout_batch:
