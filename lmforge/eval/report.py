@@ -408,9 +408,15 @@ def run_config_lines(path: Path) -> list[str]:
     return lines + ["</details>", ""]
 
 
+# train-row columns that are bookkeeping, not curves of their own
+_NOT_PLOTTED = {"step", "tokens", "elapsed_s", "mfu", "accum", "loss_scale"}
+
+
 def run_plot_lines(out: Path, train: list[dict], evals: list[dict]) -> list[str]:
-    """Draws loss (train and val), lr, grad norm, tokens/s and each other val_* metric; a plot
-    with no data is left out rather than drawn empty."""
+    """Draws loss, lr, grad norm, tokens/s, then every other metric the steps log (e.g. a
+    classifier's accuracy, PPO's reward, KL, entropy and clip fraction) with its held-out
+    val_* twin on the same axes, then the val_* metrics left; a plot with no data is left
+    out rather than drawn empty."""
     plots = {
         "loss": (
             "Loss",
@@ -421,8 +427,12 @@ def run_plot_lines(out: Path, train: list[dict], evals: list[dict]) -> list[str]
         "grad_norm": ("Gradient norm", "grad norm", {"grad_norm": series(train, "grad_norm")}),
         "tokens_per_s": ("Throughput", "tokens/s", {"tokens/s": series(train, "tokens_per_s")}),
     }
+    for key in dict.fromkeys(k for r in train for k in r):
+        if slug(key) not in plots and key not in _NOT_PLOTTED and series(train, key)[0]:
+            curves = {"train": series(train, key), "val": series(evals, f"val_{key}")}
+            plots[slug(key)] = (key, key, curves)
     for key in val_keys(evals):
-        if key != "val_loss":
+        if key != "val_loss" and slug(key[4:]) not in plots:
             plots[slug(key)] = (key, key, {key: series(evals, key)})
     lines = ["## Plots", ""]
     for name, (title, ylabel, lines_data) in plots.items():
