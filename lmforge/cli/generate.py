@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
 
 from lmforge.chat import render_conversation
 from lmforge.common import LmforgeError
 from lmforge.engine import Engine, SamplingParams
 from lmforge.hardware import pick_device
+from lmforge.textstream import Detokenizer, StopStrings
 from lmforge.tokenizer import END_TURN, Tokenizer
 from lmforge.train.checkpoint import load, resolve_checkpoint
 
@@ -93,55 +93,6 @@ def encode_prompt(tokenizer: Tokenizer, text: str, vocab_size: int) -> list[int]
     return ids
 
 
-def new_text(tokenizer: Tokenizer, tokens: Iterator[int]) -> Iterator[str]:
-    """Decoded text, piece by piece, for token ids arriving one at a time. Decodes the whole
-    completion each time and yields what is new, holding back a trailing incomplete UTF-8
-    sequence (BPE tokens can split a character)."""
-    ids: list[int] = []
-    printed = 0
-    for token in tokens:
-        ids.append(token)
-        text = tokenizer.decode(ids)
-        if text.endswith("\ufffd"):
-            continue
-        yield text[printed:]
-        printed = len(text)
-
-
-class StopStrings:
-    """Text arriving piece by piece, cut before the first stop string. Text that could still
-    be the start of a stop string is held back until it is known not to be."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = [x for x in stops if x]
-        self.pending = ""
-        self.stopped = False
-
-    def feed(self, piece: str) -> str:
-        """The text that is safe to show now."""
-        self.pending += piece
-        hits = [i for i in (self.pending.find(x) for x in self.stops) if i >= 0]
-        if hits:
-            self.stopped = True
-            out, self.pending = self.pending[: min(hits)], ""
-            return out
-        hold = max((len(x) - 1 for x in self.stops), default=0)
-        keep = next(
-            (k for k in range(min(hold, len(self.pending)), 0, -1)
-             if any(x.startswith(self.pending[-k:]) for x in self.stops)),
-            0,
-        )  # fmt: skip
-        out, self.pending = (
-            self.pending[: len(self.pending) - keep],
-            self.pending[len(self.pending) - keep :],
-        )
-        return out
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-
 def run(args: argparse.Namespace) -> int:
     folder = resolve_checkpoint(args.checkpoint)
     model, tokenizer = load(folder, pick_device(args.device))
@@ -173,10 +124,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.chat:
         print(args.prompt, end="", flush=True)
     stops = StopStrings(args.stop)
+    detokenizer = Detokenizer(tokenizer)
     tokens = (step[0] for step in engine.stream([prompt], params) if step[0] is not None)
     text = ""
-    for piece in new_text(tokenizer, tokens):
-        shown = stops.feed(piece)
+    for token in tokens:
+        shown = stops.feed(detokenizer.push(token))
         text += shown
         if args.stream:
             print(shown, end="", flush=True)

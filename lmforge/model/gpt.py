@@ -38,7 +38,10 @@ class KVCache:
     """Preallocated keys and values for every layer, filled left to right by prefill and decode.
 
     Rows of a batch share one length; prompts of different lengths are left-padded and the
-    padding is hidden by the attention mask the caller passes to GPT.forward.
+    padding is hidden by the attention mask the caller passes to GPT.forward. A cache is
+    anything with `length` (positions before the new ones, for the block-size check and the
+    default positions), `update` and `advance`: the server's per-request cache is another
+    (lmforge/serve/batching.py).
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
@@ -58,6 +61,10 @@ class KVCache:
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        """After a forward has written n new positions through every layer."""
+        self.length += n
 
 
 @dataclass
@@ -397,7 +404,7 @@ class GPT(nn.Module):
         for block, prefix_kv in zip(self.blocks, layer_kv):
             x = block(x, rope, mask, kv_cache, prefix_kv)
         if kv_cache is not None:
-            kv_cache.length = S
+            kv_cache.advance(T)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]  # (B, k, d)
         x = self.norm_f(x)

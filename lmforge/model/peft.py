@@ -243,6 +243,9 @@ class _KVRecorder:
         self.kv.append(torch.stack([k[0], v[0]]))  # (2, nkv, P, hd)
         return k, v
 
+    def advance(self, n: int) -> None:
+        self.length += n
+
 
 class PTuned(_Prefixed):
     """P-tuning: P learned virtual-token embeddings (P, d) come before every input. They take
