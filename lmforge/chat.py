@@ -110,3 +110,37 @@ def fit_conversation(
             f"in {max_tokens} tokens"
         )
     return FittedConversation(head + last[:1] + last[1 + cut :], system + rest, dropped, cut)
+
+
+@dataclass
+class ChatPrompt:
+    ids: list[int]
+    """The conversation, ready for the assistant's answer."""
+    stop_ids: tuple[int, ...]
+    """Tokens that end the answer."""
+    stop_strings: list[str]
+    """Text that ends the answer (the plain transcript's next turn)."""
+
+
+def chat_prompt(
+    tokenizer: Tokenizer, messages: list[dict], max_tokens: int | None = None
+) -> ChatPrompt:
+    """What a model is given to answer `messages` as the assistant (what `lmforge serve` and
+    `lmforge chat` run): the chat format when the tokenizer has its tokens, answers ending at
+    end-of-turn; otherwise a plain "role: text" transcript ending with "assistant:", answers
+    ending at the next turn, so a model without chat training can still be talked to.
+    max_tokens fits a long history (fit_conversation; a transcript keeps its last tokens)."""
+    tok = getattr(tokenizer, "tok", None)
+    end = tok.token_to_id(END_TURN) if tok is not None else None
+    if end is not None:
+        if max_tokens is None:
+            ids = render_conversation(tokenizer, messages, add_generation_prompt=True)[0]
+        else:
+            ids = fit_conversation(tokenizer, messages, max_tokens).ids
+        return ChatPrompt(ids, (end, *tokenizer.stop_ids), [])
+    _check(messages)
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    ids = tokenizer.encode(text)
+    if max_tokens is not None:
+        ids = ids[-max_tokens:]
+    return ChatPrompt(ids, tuple(tokenizer.stop_ids), ["\nuser:", "\nsystem:"])

@@ -51,7 +51,8 @@ def serving(checkpoint, api_key=None, slots=16, max_queue=64, start=True, slow=0
     engine = BatchEngine(model, slots=slots, max_queue=max_queue, start=start)
     app = create_app(Server(engine, tokenizer, "tiny", Limits(), api_key))
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None)  # no dictConfig
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -213,3 +214,123 @@ def test_the_engine_queue_is_bounded_and_a_prompt_must_fit():
     with pytest.raises(ValueError, match="context"):
         engine.submit(Request(list(range(8)), params, events=lambda e: None))
     json.dumps(engine.stats())
+
+
+def test_sigterm_drains_the_stream_in_flight_then_exits(tmp_path, save_base):
+    import signal
+    import subprocess
+    import sys
+
+    tok = train_bpe([TEXT], vocab_size=300)
+    long_context = save_base(tmp_path / "long", tok, seed=3, block_size=2048)
+    port = free_port()
+    argv = [sys.executable, "-m", "lmforge", "serve", "--checkpoint", str(long_context),
+            "--port", str(port), "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                httpx.get(f"{url}/health")
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        body = {"prompt": "the", "max_tokens": 2000, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+        after = []
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+            lines = (line for line in r.iter_lines() if line)
+            assert next(lines).startswith("data: ")
+            proc.send_signal(signal.SIGTERM)
+            after = list(lines)
+        assert after[-1] == "data: [DONE]"
+        usage = json.loads(after[-2].removeprefix("data: "))["usage"]
+        assert usage["completion_tokens"] == 2000
+        assert len(after) > 100  # most of the answer came after the signal
+        assert proc.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it drained
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/health")
+    finally:
+        proc.kill()
+
+
+def test_the_chat_repl_answers_and_resets_through_a_terminal(checkpoint, capsys):
+    import sys
+
+    pexpect = pytest.importorskip("pexpect")
+    expected = generate_cli(checkpoint, capsys, "hello there", 12, chat=True)
+    argv = ["-m", "lmforge", "chat", "--checkpoint", str(checkpoint), "--temperature", "0",
+            "--max-new-tokens", "12"]  # fmt: skip
+    repl = pexpect.spawn(sys.executable, argv, encoding="utf-8", timeout=60)
+    repl.expect("you> ")
+    repl.sendline("hello there")
+    repl.expect("model> ")
+    repl.expect("\r\nyou> ")
+    assert repl.before.strip() == expected.strip()
+    repl.sendline("/reset")
+    repl.expect(r"\(new conversation\)")
+    repl.sendline("/temp 0.5")
+    repl.expect(r"\(temperature 0.5\)")
+    repl.sendline("/quit")
+    repl.expect(pexpect.EOF)
+    repl.close()
+    assert repl.exitstatus == 0
+
+
+def test_the_chat_page_streams_an_answer_in_a_headless_browser(checkpoint, tmp_path):
+    import os
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (browser and driver):
+        pytest.skip("no chromium + chromedriver (Debian: apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    options.binary_location = browser
+    with serving(checkpoint, slow=0.02) as (url, _):
+        page = webdriver.Chrome(options=options, service=webdriver.ChromeService(driver))
+        try:
+            page.get(url)
+            page.find_element(By.ID, "input").send_keys("hello")
+            page.find_element(By.ID, "send").click()
+            seen = set()
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                answers = page.find_elements(By.CSS_SELECTOR, ".assistant")
+                if answers and answers[-1].text:
+                    seen.add(len(answers[-1].text))
+                if page.find_element(By.ID, "send").is_enabled() and seen:
+                    break
+                time.sleep(0.05)
+            artifacts = os.environ.get("LMFORGE_ARTIFACTS") or tmp_path
+            os.makedirs(artifacts, exist_ok=True)
+            page.save_screenshot(os.path.join(artifacts, "chat_page.png"))
+            assert len(seen) > 3, seen  # the text grew while it streamed
+            assert page.find_element(By.CSS_SELECTOR, ".user").text == "you: hello"
+            assert page.find_element(By.ID, "status").text == ""
+        finally:
+            page.quit()
+
+
+def test_a_model_without_chat_tokens_still_chats_and_unknown_routes_are_openai_errors(
+    tmp_path, save_base
+):
+    from lmforge.tokenizer import CharTokenizer
+
+    chars = sorted(set(TEXT + "useristan:\n"))
+    plain = save_base(tmp_path / "char", CharTokenizer(chars, with_eot=True), block_size=64)
+    with serving(plain) as (url, _):
+        c = client(url)
+        r = c.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "the cat"}], max_tokens=20,
+            temperature=0,
+        )  # fmt: skip
+        text = r.choices[0].message.content
+        assert r.usage.completion_tokens >= 1 and "\nuser:" not in text
+        missing = httpx.get(f"{url}/v1/nothing")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "404"

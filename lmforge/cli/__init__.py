@@ -22,6 +22,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "dpo": ("lmforge.cli.dpo", "direct preference optimisation against a frozen reference"),
     "ppo": ("lmforge.cli.ppo", "RL from a reward model: PPO or GRPO on a KL leash"),
     "generate": ("lmforge.cli.generate", "generate text from a checkpoint"),
+    "chat": ("lmforge.cli.chat", "talk to a checkpoint in the terminal (streaming, history)"),
     "serve": ("lmforge.cli.serve", "an OpenAI-compatible HTTP API with streaming and a chat page"),
     "export": ("lmforge.cli.export", "export a checkpoint to Hugging Face format"),
     "import": ("lmforge.cli.import_hf", "import a Hugging Face model folder as a checkpoint"),

@@ -25,13 +25,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmforge.chat import render_conversation
+from lmforge.chat import chat_prompt
 from lmforge.engine import SamplingParams
 from lmforge.serve.batching import BatchEngine, QueueFull, deliver_here
 from lmforge.serve.batching import Request as EngineRequest
 from lmforge.textstream import Detokenizer, StopStrings
-from lmforge.tokenizer import END_TURN, Tokenizer
+from lmforge.tokenizer import Tokenizer
 
 log = logging.getLogger("lmforge.serve")
 
@@ -186,8 +187,6 @@ class Server:
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.limits, self.api_key = limits, api_key
         self.block_size = engine.config.block_size
-        tok = getattr(tokenizer, "tok", None)
-        self.end_turn = tok.token_to_id(END_TURN) if tok is not None else None
         self.created = int(time.time())
 
     # -------------------------------------------------------------- prompts
@@ -205,12 +204,8 @@ class Server:
             turns.append(
                 {"role": m["role"], "content": message_text(m.get("content"), f"messages[{i}]")}
             )
-        if self.end_turn is not None:
-            ids = render_conversation(self.tokenizer, turns, add_generation_prompt=True)[0]
-            return ids, (self.end_turn, *self.tokenizer.stop_ids), []
-        # no chat tokens: a plain transcript the model continues as the assistant
-        text = "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
-        return self.tokenizer.encode(text), tuple(self.tokenizer.stop_ids), ["\nuser:", "\nsystem:"]
+        prompt = chat_prompt(self.tokenizer, turns)
+        return prompt.ids, prompt.stop_ids, prompt.stop_strings
 
     def completion_prompt(self, prompt: Any) -> list[int]:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -371,6 +366,10 @@ def create_app(server: Server) -> FastAPI:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
         return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):  # 404, 405, ...
+        return APIError(exc.status_code, str(exc.detail), code=str(exc.status_code)).response()
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
