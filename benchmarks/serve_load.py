@@ -31,13 +31,14 @@ class Running:
     """`lmforge serve` with `slots` decode slots in its own process (the load generator's
     work does not share its interpreter) on a free loopback port."""
 
-    def __init__(self, checkpoint: str, slots: int):
+    def __init__(self, checkpoint: str, slots: int, threads: int | None):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         argv = [sys.executable, "-m", "lmforge", "serve", "--checkpoint", checkpoint,
                 "--port", str(self.port), "--slots", str(slots), "--max-queue", "1024",
-                "--log-level", "warning"]  # fmt: skip
+                "--log-level", "warning",
+                *(["--threads", str(threads)] if threads else [])]  # fmt: skip
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -105,6 +106,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64, help="per level (at least 2x clients)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--deadline", type=float, default=120.0, help="seconds per level")
+    parser.add_argument("--server-threads", type=int, default=None, help="lmforge serve --threads")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.checkpoint}; "
           f"{args.max_tokens} max tokens, temperature 0.8")  # fmt: skip
@@ -114,7 +116,7 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|")
     rates: dict[tuple[int, bool, int], float] = {}
     for slots in (16, 1):
-        running = Running(args.checkpoint, slots)
+        running = Running(args.checkpoint, slots, args.server_threads)
         url = f"http://127.0.0.1:{running.port}"
         try:
             if slots == 16:

@@ -27,6 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     )
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (auto picks)")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="CPU threads for the model's ops (default: torch's choice); fewer leaves cores "
+        "for HTTP work",
+    )  # fmt: skip
     parser.add_argument("--log-level", default="info", help="uvicorn's log level")
 
 
@@ -46,6 +51,12 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, _ = load_plain(args.checkpoint, merge=True)
     if tokenizer is None:
         raise LmforgeError(f"{args.checkpoint} has no tokenizer/ folder, so it cannot serve text")
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise LmforgeError(f"--threads={args.threads} must be >= 1")
+        torch.set_num_threads(args.threads)
     model = model.to(pick_device(args.device))
     engine = BatchEngine(model, slots=args.slots, max_queue=args.max_queue)
     name = args.model_name or args.checkpoint.rstrip("/").split("/")[-1]
