@@ -94,3 +94,19 @@ def test_bad_points_are_one_line(tmp_path, capsys):
         assert len(err.splitlines()) == 1 and message in err, err
     assert main(["scaling", "optimal", "--flops", "-1"]) == 1
     assert "must be > 0" in capsys.readouterr().err
+
+
+def test_a_sweep_trains_its_grid_once_and_writes_points(tmp_path, capsys):
+    argv = ["scaling", "sweep", "--out", str(tmp_path / "sweep"), "--shapes", "1x32,2x32",
+            "--steps", "2,4", "--model.block_size=32", "--train.micro_batch_size=4",
+            "--train.eval_steps=2", "--train.precision=fp32"]  # fmt: skip
+    assert main(argv) == 0
+    points = (tmp_path / "sweep" / "points.csv").read_text().splitlines()
+    assert points[0] == "N,D,loss,run" and len(points) == 5
+    rows = [line.split(",") for line in points[1:]]
+    assert [r[3] for r in rows] == ["L1_d32_s2", "L1_d32_s4", "L2_d32_s2", "L2_d32_s4"]
+    assert int(rows[2][0]) > int(rows[0][0]) and int(rows[1][1]) == 2 * int(rows[0][1])
+    capsys.readouterr()
+    assert main(argv) == 0  # everything finished: read again, nothing retrained
+    assert "run " not in capsys.readouterr().out
+    assert (tmp_path / "sweep" / "points.csv").read_text().splitlines() == points

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from lmforge.research.scaling import SWEEP_SHAPES, SWEEP_STEPS
+
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -18,6 +20,16 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     fit.add_argument("--grid", choices=("chinchilla", "coarse"), default="chinchilla",
                      help="starts: Chinchilla's 4,500 (about a minute) or 108 (seconds)")  # fmt: skip
     fit.add_argument("--delta", type=float, default=1e-3, help="Huber delta on log loss")
+    sweep = sub.add_parser(
+        "sweep", help="train a grid of model sizes x token budgets (normal runs) -> points.csv"
+    )
+    sweep.add_argument("--out", required=True, help="folder of the sweep's runs (resumable)")
+    sweep.add_argument("--config", help="a YAML recipe the runs start from (default: Shakespeare)")
+    sweep.add_argument("--shapes", default=",".join(f"{a}x{b}" for a, b in SWEEP_SHAPES),
+                       help="n_layer x d_model of each model")  # fmt: skip
+    sweep.add_argument("--steps", default=",".join(map(str, SWEEP_STEPS)),
+                       help="optimizer steps of each run")  # fmt: skip
+    sweep.set_defaults(accepts_overrides=True)  # --section.key=value for every run
     optimal = sub.add_parser("optimal", help="compute-optimal N and D for a FLOP budget")
     optimal.add_argument("--flops", type=float, required=True, help="training FLOPs, C = 6 N D")
     optimal.add_argument(
@@ -27,7 +39,25 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"fit": run_fit, "optimal": run_optimal}[args.action](args)
+    return {"fit": run_fit, "optimal": run_optimal, "sweep": run_sweep}[args.action](args)
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from lmforge.cli.options import config_overrides
+    from lmforge.common import LmforgeError
+    from lmforge.research.scaling import sweep_points
+
+    try:
+        shapes = [tuple(int(x) for x in item.split("x")) for item in args.shapes.split(",")]
+        steps = [int(x) for x in args.steps.split(",")]
+    except ValueError:
+        raise LmforgeError("--shapes is LxD,LxD,... and --steps N,N,... (integers)") from None
+    if any(len(s) != 2 or min(s) < 1 for s in shapes) or min(steps) < 1:
+        raise LmforgeError("every shape needs n_layer x d_model >= 1 and every step count >= 1")
+    layers = (args.config,) if args.config else ()
+    path = sweep_points(args.out, shapes, steps, layers, config_overrides(args))
+    print(f"points: {path} (fit them with `lmforge scaling fit --csv {path}`)")
+    return 0
 
 
 def run_fit(args: argparse.Namespace) -> int:

@@ -191,3 +191,76 @@ def plot(path: Path, law: ScalingLaw, N=None, D=None, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------- sweeps
+
+SWEEP_SHAPES = ((2, 64), (3, 96), (4, 128), (4, 192))
+"""(n_layer, d_model) of the default sweep's models (head size 32), ~0.1M to 1.8M parameters."""
+SWEEP_STEPS = (100, 200, 400)
+"""Optimizer steps of the default sweep's runs (x micro_batch_size x block_size tokens)."""
+
+
+def sweep_points(
+    out: str | Path,
+    shapes=SWEEP_SHAPES,
+    steps=SWEEP_STEPS,
+    layers: tuple = (),
+    overrides: list[str] = (),
+) -> Path:
+    """Train every (shape, steps) of the grid as a normal run under `out` (config `layers` +
+    `overrides` first, e.g. a recipe; by default the bundled Shakespeare), each to its final
+    evaluation, and write out/points.csv (N = non-embedding parameters, D = tokens seen, loss =
+    the final validation loss). A finished run is read, not rerun; one stopped midway is
+    resumed from its last checkpoint, so an interrupted sweep continues where it stopped."""
+    import torch
+
+    from lmforge.config import build_config
+    from lmforge.model.gpt import GPT
+    from lmforge.recipes.pretrain import train
+    from lmforge.train.checkpoint import latest_checkpoint
+
+    out = Path(out)
+    rows = []
+    for (n_layer, d_model), max_steps in itertools.product(shapes, steps):
+        name = f"L{n_layer}_d{d_model}_s{max_steps}"
+        run = out / name
+        heads = max(1, d_model // 32)
+        cfg = build_config(*layers, {
+            "model": {"n_layer": n_layer, "d_model": d_model, "n_head": heads, "n_kv_head": heads},
+            "train": {"max_steps": max_steps, "warmup_steps": max(1, max_steps // 10),
+                      "eval_interval": max_steps, "ckpt_interval": max(1, max_steps // 4)},
+            "run": {"dir": str(out), "name": name, "tensorboard": False, "sample_tokens": 0},
+        }, overrides=list(overrides))  # fmt: skip
+        final = _final_eval(run, max_steps)
+        if final is None:
+            if run.exists() and any(run.iterdir()):
+                if latest_checkpoint(run) is None:
+                    raise LmforgeError(
+                        f"{run} holds an unfinished run without a checkpoint; delete it to rerun"
+                    )
+                train(cfg, resume=run)
+            else:
+                train(cfg)
+            final = _final_eval(run, max_steps)
+        with torch.device("meta"):  # the saved config has the tokenizer's vocabulary size
+            n = GPT(build_config(run / "config.yaml").model).num_params(non_embedding=True)
+        rows.append((n, final["tokens"], final["val_loss"], name))
+    path = out / "points.csv"
+    path.write_text(
+        "N,D,loss,run\n" + "".join(f"{n},{d},{loss},{name}\n" for n, d, loss, name in rows),
+        encoding="utf-8",
+    )
+    return path
+
+
+def _final_eval(run: Path, max_steps: int) -> dict | None:
+    """The run's evaluation row at max_steps, if it got there."""
+    import json
+
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    done = [r for r in rows if r.get("step") == max_steps and "val_loss" in r]
+    return done[-1] if done else None
