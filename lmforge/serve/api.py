@@ -18,6 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from importlib import resources
@@ -249,15 +250,18 @@ class Server:
 
     # -------------------------------------------------------------- running
     async def generate(
-        self, prompt: list[int], settings: Settings, stop_ids: tuple[int, ...], stops: list[str]
+        self,
+        prompt: list[int],
+        settings: Settings,
+        max_tokens: int,
+        stop_ids: tuple[int, ...],
+        stops: list[str],
     ) -> AsyncIterator[tuple[Choice, str, dict | None]]:
         """Yield (choice, new text, logprob entry or None) as tokens arrive, for n choices
-        running at once; each choice's finish_reason is set when it ends. Cancels what is
-        still running if the consumer stops early (a client that went away)."""
-        max_tokens = self.check_length(prompt, settings)
+        running at once (max_tokens from check_length); each choice's finish_reason is set
+        when it ends. Cancels what is still running if the consumer stops early (a client
+        that went away)."""
         stop_ids = () if settings.ignore_eos else stop_ids
-        loop = asyncio.get_running_loop()
-        self.engine.deliver = partial(_hand_over, loop)
         queue: asyncio.Queue = asyncio.Queue()
         choices, requests = [], []
         try:
@@ -361,7 +365,15 @@ def sse(data: dict | str) -> str:
 
 
 def create_app(server: Server) -> FastAPI:
-    app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # the engine thread hands each step's events to this event loop, in one call
+        server.engine.deliver = partial(_hand_over, asyncio.get_running_loop())
+        yield
+
+    app = FastAPI(
+        title="lmforge", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
+    )
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -430,11 +442,11 @@ def create_app(server: Server) -> FastAPI:
         return await respond(prompt, settings, stop_ids, stops, chat=True)
 
     async def respond(prompt, settings: Settings, stop_ids, stops, chat: bool):
-        server.check_length(prompt, settings)  # a 400 before any stream starts
+        max_tokens = server.check_length(prompt, settings)  # a 400 before any stream starts
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         head = {"id": ident, "created": created, "model": server.model_name}
-        stream = server.generate(prompt, settings, stop_ids, stops)
+        stream = server.generate(prompt, settings, max_tokens, stop_ids, stops)
         if not settings.stream:
             choices: list[Choice] = []
             async for choice, piece, entry in stream:

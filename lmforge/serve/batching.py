@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -97,7 +96,6 @@ class Request:
     generated: int = 0
     cancelled: bool = False
     generator: torch.Generator | None = None
-    arrived: float = field(default_factory=time.perf_counter)
 
 
 def deliver_here(events: list[tuple[Request, tuple]]) -> None:
