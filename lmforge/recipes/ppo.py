@@ -36,7 +36,7 @@ from lmforge.hardware import autocast_context
 from lmforge.model.heads import ActorCritic, RewardModel
 from lmforge.model.peft import apply_peft, trainable_share
 from lmforge.recipes.best_of_n import load_reward_model
-from lmforge.recipes.run import load_base, run_folder
+from lmforge.recipes.run import fit_and_plot, load_base, run_folder
 from lmforge.tokenizer import END_TURN, Tokenizer
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import destroy_distributed, init_distributed
@@ -161,11 +161,6 @@ def ppo(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
             f"{cfg.peft.method}: {trainable:,} of {total:,} parameters train "
             f"({trainable / total:.2%})"
         )
-        result = trainer.fit()
-        if info.is_main:
-            from lmforge.eval.report import write_run_report
-
-            print0(f"curves: {write_run_report(run_dir)}")
-        return result
+        return fit_and_plot(trainer)
     finally:
         destroy_distributed()

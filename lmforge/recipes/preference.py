@@ -25,7 +25,7 @@ from lmforge.data.example_loader import ExampleLoader
 from lmforge.data.preference import load_pairs, pad_pairs
 from lmforge.model.heads import RewardModel
 from lmforge.model.peft import apply_peft, trainable_share
-from lmforge.recipes.run import load_base, run_folder
+from lmforge.recipes.run import fit_and_plot, load_base, run_folder
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import destroy_distributed, init_distributed
 from lmforge.train.losses import DPOLoss, LossFn, RewardLoss
@@ -92,11 +92,6 @@ def _fit_pairs(
             f"block_size {block} dropped); peft {cfg.peft.method}: {trainable:,} of {total:,} "
             f"parameters train ({trainable / total:.2%})"
         )
-        result = trainer.fit()
-        if info.is_main:
-            from lmforge.eval.report import write_run_report
-
-            print0(f"curves: {write_run_report(run_dir)}")
-        return result
+        return fit_and_plot(trainer)
     finally:
         destroy_distributed()

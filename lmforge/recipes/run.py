@@ -1,5 +1,5 @@
-"""What every recipe does around its own data and loss: choosing the run folder, and, for
-post-training, loading the base checkpoint the run starts from."""
+"""What every recipe does around its own data and loss: choosing the run folder, for
+post-training loading the base checkpoint the run starts from, and drawing a run's curves."""
 
 from __future__ import annotations
 
@@ -66,3 +66,16 @@ def check_architecture(wanted: ModelConfig, base_model: ModelConfig, base: Path)
                 f"model.{name}={ours} differs from the base's {theirs} ({base}); fine-tuning "
                 f"keeps the base's architecture and may change only {sorted(REGULARISATION)}"
             )
+
+
+def fit_and_plot(trainer) -> dict:
+    """trainer.fit(), then the run's curves (loss, reward, KL, ...) drawn into its report/
+    folder on the main rank. Returns fit()'s result."""
+    from lmforge.common import print0
+
+    result = trainer.fit()
+    if trainer.dist.is_main:
+        from lmforge.eval.report import write_run_report
+
+        print0(f"curves: {write_run_report(trainer.run_dir)}")
+    return result
