@@ -121,8 +121,19 @@ def sample_next(
         logits = top_k_filter(logits, params.top_k)
     if params.top_p is not None and params.top_p < 1:
         logits = top_p_filter(logits, params.top_p)
-    probs = logits.softmax(dim=-1)  # (B, V)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(logits.softmax(dim=-1), generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of probs (B, V), by inverse CDF: one uniform number per row.
+    torch.multinomial draws an exponential number per vocabulary entry instead, which on CPU
+    took 30x as long (1 ms at 16 x 4096), as long as a small model's whole decode step. The
+    CDF is summed in float64, so float error cannot shift mass between tokens; a token of
+    probability 0 is never drawn (its CDF step is empty). Returns (B,) int64."""
+    cdf = probs.double().cumsum(dim=-1)  # (B, V)
+    u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device, dtype=cdf.dtype)
+    tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # (B, 1): first cdf > u
+    return tokens.clamp_(max=probs.size(-1) - 1).squeeze(-1)
 
 
 # ---------------------------------------------------------------- batching helpers

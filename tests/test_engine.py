@@ -195,6 +195,17 @@ def test_greedy_is_argmax():
     assert torch.equal(sample_next(logits, SamplingParams(temperature=0)), logits.argmax(-1))
 
 
+def test_sampling_draws_each_token_at_its_probability():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3, 0.0]])
+    draws = sample_next(
+        probs.log().expand(100_000, 5), SamplingParams(), generator=torch.Generator().manual_seed(0)
+    )
+    share = torch.bincount(draws, minlength=5) / draws.numel()
+    assert share[1] == share[4] == 0  # probability 0, last token included: never drawn
+    # 4 standard errors of a share of 100,000 draws: sqrt(p(1-p)/n) <= 0.0016
+    assert torch.allclose(share, probs[0], atol=0.0064)
+
+
 def test_top_k_keeps_k_largest():
     logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
     kept = top_k_filter(logits, 2)

@@ -185,7 +185,7 @@ def test_a_toy_reward_is_driven_up_while_the_kl_stays_bounded(algo, tok, prompts
     policy = tiny_policy(tok)
     model = ActorCritic(policy) if algo == "ppo" else policy
     cfg = ppo_config(tok, algo, kl_coef=0.3)
-    cfg.train.max_steps = 48
+    cfg.train.max_steps = 64
     loader = make_loader(tok, prompts, cfg, model, copy.deepcopy(policy))
     loss = PPOLoss(kl_coef=0.3 if algo == "grpo" else 0.0)
     Trainer(cfg, model, loader, None, tmp_path, init_distributed("cpu"), loss_fn=loss).fit()

@@ -21,7 +21,9 @@ import torch
 import uvicorn
 
 from lmforge.cli import main
-from lmforge.engine import SamplingParams
+from lmforge.config import model_config
+from lmforge.engine import Engine, SamplingParams
+from lmforge.model.gpt import GPT
 from lmforge.serve.api import Limits, Server, create_app
 from lmforge.serve.batching import BatchEngine, QueueFull, Request
 from lmforge.tokenizer import train_bpe
@@ -205,7 +207,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(checkpoint):
 def test_the_engine_queue_is_bounded_and_a_prompt_must_fit():
     model = torch.nn.Linear(1, 1)  # never run: the engine is not started
     model.config = type("C", (), {"block_size": 8, "n_layer": 1, "kv_heads": 1, "head_dim": 1,
-                                  "vocab_size": 4})()  # fmt: skip
+                                  "vocab_size": 4, "sliding_window": None})()  # fmt: skip
     engine = BatchEngine(model, slots=1, max_queue=1, start=False)
     params = SamplingParams(max_new_tokens=2)
     engine.submit(Request([1, 2], params, events=lambda e: None))
@@ -214,6 +216,54 @@ def test_the_engine_queue_is_bounded_and_a_prompt_must_fit():
     with pytest.raises(ValueError, match="context"):
         engine.submit(Request(list(range(8)), params, events=lambda e: None))
     json.dumps(engine.stats())
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(pos_encoding="learned"),
+        dict(n_head=4, n_kv_head=2),
+        dict(n_head=4, n_kv_head=1, sliding_window=6),
+    ],  # fmt: skip
+    ids=["learned", "rope_gqa", "mqa_sliding_window"],
+)
+def test_prompts_packed_beside_running_decodes_get_what_they_get_alone(variant):
+    """Chunked prefill: each request joins while others decode (request i+1 is submitted at
+    request i's (i+2)-th token; 3 slots for 6 requests, so some wait for a freed slot), its
+    prompt packed into the same forward as their decode tokens, with prompts longer than the
+    sliding window. Every greedy answer equals the uncached one of that prompt alone."""
+    torch.manual_seed(0)
+    cfg = model_config(preset="tiny", vocab_size=65, tie_embeddings=False, init_std=0.1, **variant)
+    model = GPT(cfg).eval()
+    prompts = [[5, 17, 3, 44, 9, 12, 30, 2, 8], [8, 1], [60, 2, 33, 4], [7] * 12, [3], [9, 4, 1]]
+    lengths = [12, 6, 16, 9, 12, 5]
+    alone = [
+        Engine(model).generate([p], SamplingParams(n, temperature=0, use_cache=False))[0]
+        for p, n in zip(prompts, lengths)
+    ]
+    engine = BatchEngine(model, slots=3)
+    got = [[] for _ in prompts]
+    finished = threading.Semaphore(0)
+
+    def events(i):
+        def on(event):
+            if event[0] == "token":
+                got[i].append(event[1])
+                if len(got[i]) == i + 2 and i + 1 < len(prompts):
+                    submit(i + 1)
+            else:
+                finished.release()
+
+        return on
+
+    def submit(i):
+        engine.submit(Request(prompts[i], SamplingParams(lengths[i], temperature=0), events(i)))
+
+    submit(0)
+    for _ in prompts:
+        assert finished.acquire(timeout=60)
+    engine.shutdown()
+    assert got == alone
 
 
 def test_sigterm_drains_the_stream_in_flight_then_exits(tmp_path, save_base):

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument(
         "--threads", type=int, default=None,
         help="CPU threads for the model's ops (default: torch's choice); fewer leaves cores "
-        "for HTTP work",
+        "for HTTP work and clients on the same machine",
     )  # fmt: skip
     parser.add_argument("--log-level", default="info", help="uvicorn's log level")
 
@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
+    import torch
     import uvicorn
 
     from lmforge.common import LmforgeError
@@ -48,17 +49,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.slots < 1 or args.max_queue < 0 or args.max_body_bytes < 1:
         raise LmforgeError("--slots and --max-body-bytes must be >= 1, --max-queue >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise LmforgeError(f"--threads={args.threads} must be >= 1")
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(1)  # this thread's ops: the engine's loop thread gets `threads`
     model, tokenizer, _ = load_plain(args.checkpoint, merge=True)
     if tokenizer is None:
         raise LmforgeError(f"{args.checkpoint} has no tokenizer/ folder, so it cannot serve text")
-    if args.threads is not None:
-        import torch
-
-        if args.threads < 1:
-            raise LmforgeError(f"--threads={args.threads} must be >= 1")
-        torch.set_num_threads(args.threads)
     model = model.to(pick_device(args.device))
-    engine = BatchEngine(model, slots=args.slots, max_queue=args.max_queue)
+    engine = BatchEngine(model, slots=args.slots, max_queue=args.max_queue, threads=threads)
     name = args.model_name or args.checkpoint.rstrip("/").split("/")[-1]
     limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens)
     app = create_app(Server(engine, tokenizer, name, limits, args.api_key))

@@ -39,10 +39,18 @@ class KVCache:
 
     Rows of a batch share one length; prompts of different lengths are left-padded and the
     padding is hidden by the attention mask the caller passes to GPT.forward. A cache is
-    anything with `length` (positions before the new ones, for the block-size check and the
-    default positions), `update` and `advance`: the server's per-request cache is another
-    (lmforge/serve/batching.py).
+    anything with `packed` (False), `length` (positions before the new ones, for the
+    block-size check and the default positions), `update` and `advance`.
+
+    A packed cache (`packed` True: the server's, lmforge/serve/batching.py) holds rows of
+    different lengths whose new tokens come packed into one sequence (B = 1), some rows one
+    decode token, others a whole prompt. No mask over one sequence says which keys each token
+    sees, so such a cache has `attend(layer, q, k, v)` in place of `length` and `update`: it
+    stores the new keys/values and does the attention itself. It checks its own rows'
+    lengths, and the caller passes every token's position_ids.
     """
+
+    packed = False
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
         shape = (cfg.n_layer, batch_size, cfg.kv_heads, max_len, cfg.head_dim)
@@ -90,6 +98,30 @@ def prefix_mask(mask: torch.Tensor | bool, T: int, S: int, P: int, device) -> to
     if mask is True:  # SDPA's is_causal aligns top-left when T != P + S: spell out the causal part
         mask = torch.ones(T, S, dtype=torch.bool, device=device).tril()[None, None]
     return torch.cat([mask.new_ones(*mask.shape[:-1], P), mask], dim=-1)
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | bool, dropout_p=0.0
+) -> torch.Tensor:
+    """SDPA with nkv <= nh key/value heads: q (B, nh, T, hd), k and v (B, nkv, S, hd) ->
+    (B, nh, T, hd). mask as GPT._mask gives it: True causal, False none, else boolean."""
+    gqa = {}
+    nh, nkv = q.size(1), k.size(1)
+    if nkv != nh:
+        if sdpa_gqa(q, mask):
+            gqa = {"enable_gqa": True}  # SDPA pairs query head h with kv head h // (nh/nkv)
+        else:
+            k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hd)
+            v = v.repeat_interleave(nh // nkv, dim=1)
+    return F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=None if isinstance(mask, bool) else mask,
+        is_causal=mask is True,
+        dropout_p=dropout_p,
+        **gqa,
+    )
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -157,27 +189,15 @@ class Attention(nn.Module):
             cos, sin = rope  # (B, 1, T, hd)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer, k, v)  # (B, nkv, S, hd)
-        if prefix_kv is not None:
-            pk, pv = prefix_kv.to(k.dtype)[:, None].expand(-1, B, -1, -1, -1)  # (B, nkv, P, hd)
-            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (B, nkv, P + S, hd)
-        gqa = {}
-        if self.nkv != self.nh:
-            if sdpa_gqa(q, mask):
-                gqa = {"enable_gqa": True}  # SDPA pairs query head h with kv head h // (nh/nkv)
-            else:
-                k = k.repeat_interleave(self.nh // self.nkv, dim=1)  # (B, nh, S, hd)
-                v = v.repeat_interleave(self.nh // self.nkv, dim=1)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=None if isinstance(mask, bool) else mask,
-            is_causal=mask is True,
-            dropout_p=self.dropout if self.training else 0.0,
-            **gqa,
-        )  # (B, nh, T, hd)
+        if kv_cache is not None and kv_cache.packed:
+            y = kv_cache.attend(self.layer, q, k, v)  # (1, nh, T, hd)
+        else:
+            if kv_cache is not None:
+                k, v = kv_cache.update(self.layer, k, v)  # (B, nkv, S, hd)
+            if prefix_kv is not None:
+                pk, pv = prefix_kv.to(k.dtype)[:, None].expand(-1, B, -1, -1, -1)  # (B,nkv,P,hd)
+                k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (B, nkv, P+S, hd)
+            y = attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, d)
         return self.resid_drop(self.proj(y))
 
@@ -352,14 +372,15 @@ class GPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         prefix: Prefix | None = None,
         inputs_embeds: torch.Tensor | None = None,
         return_hidden: bool = False,
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V), or (B, k, V) for the last k positions only
         when logits_to_keep=k > 0 (generation needs just the last one; the head is the
-        largest matmul of a small model's forward at a large vocabulary).
+        largest matmul of a small model's forward at a large vocabulary), or for the positions
+        a 1-D index tensor of k entries names.
 
         attention_mask (B, S), 1 for real tokens and 0 for padding, covers the cached
         positions plus the new ones (S = cache length + T). A 4-D boolean (B, 1, T, S) mask is
@@ -373,12 +394,16 @@ class GPT(nn.Module):
         """
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
         B, T, _ = x.shape
-        if logits_to_keep < 0:
+        keep_last = isinstance(logits_to_keep, int)
+        if keep_last and logits_to_keep < 0:
             raise ValueError(f"logits_to_keep={logits_to_keep} must be >= 0 (0 = all positions)")
-        offset = kv_cache.length if kv_cache is not None else 0
+        packed = kv_cache is not None and kv_cache.packed  # see KVCache
+        if packed and (prefix is not None or position_ids is None):
+            raise ValueError("a packed KV cache needs position_ids and takes no prefix")
+        offset = kv_cache.length if kv_cache is not None and not packed else 0
         S = offset + T
         shift = prefix.shift if prefix is not None else 0
-        if shift + S > self.config.block_size:
+        if not packed and shift + S > self.config.block_size:
             raise ValueError(
                 f"sequence length {shift + S} exceeds block_size {self.config.block_size}"
             )
@@ -396,7 +421,7 @@ class GPT(nn.Module):
             emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
             rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
         x = self.drop(x)
-        mask = self._mask(T, S, offset, attention_mask, device)
+        mask = False if packed else self._mask(T, S, offset, attention_mask, device)
         layer_kv = [None] * len(self.blocks)
         if prefix is not None:
             mask = prefix_mask(mask, T, S, prefix.kv.size(-2), device)
@@ -405,7 +430,9 @@ class GPT(nn.Module):
             x = block(x, rope, mask, kv_cache, prefix_kv)
         if kv_cache is not None:
             kv_cache.advance(T)
-        if logits_to_keep:
+        if not keep_last:
+            x = x[:, logits_to_keep]  # (B, k, d)
+        elif logits_to_keep:
             x = x[:, -logits_to_keep:]  # (B, k, d)
         x = self.norm_f(x)
         return x if return_hidden else self.lm_head(x)  # (B, T or k, d or V)

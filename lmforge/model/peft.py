@@ -235,6 +235,8 @@ class _KVRecorder:
     """Stands in for a KVCache during one forward and keeps each layer's keys/values, with
     their autograd graph (a KVCache writes in place, which backward cannot go through)."""
 
+    packed = False
+
     def __init__(self):
         self.length = 0
         self.kv: list[torch.Tensor] = []
