@@ -3,7 +3,7 @@ concurrent clients, continuous batching (16 slots) against one request at a time
 side by side in one run, plus time to first token at 1 client. A loopback load generator
 (httpx, this process) against `lmforge serve` (another process); bounded count and time.
 
-    python benchmarks/serve_load.py --checkpoint runs/sft_full [--requests 64 --max-tokens 64]
+    python benchmarks/serve_load.py --checkpoint runs/sft_full [--requests 256 --max-tokens 64]
 
 Each level runs twice: answers that end when the model ends them, and answers of exactly
 --max-tokens tokens (`ignore_eos`, as serving benchmarks such as vLLM's fix output lengths).
@@ -103,7 +103,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--clients", default="1,4,16,64")
-    parser.add_argument("--requests", type=int, default=64, help="per level (at least 2x clients)")
+    parser.add_argument("--requests", type=int, default=256, help="per level (at least 2x clients)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--deadline", type=float, default=120.0, help="seconds per level")
     parser.add_argument("--server-threads", type=int, default=None, help="lmforge serve --threads")

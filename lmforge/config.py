@@ -178,6 +178,16 @@ class TrainConfig:
     """cosine (warmup + cosine to min_lr), wsd (warmup-stable-decay), inverse_sqrt, constant."""
     decay_fraction: float = 0.2
     """wsd: fraction of max_steps spent in the final linear decay to min_lr."""
+    optimizer: str = "adamw"
+    """adamw, or muon: Muon (momentum orthogonalised by Newton-Schulz) for the transformer
+    blocks' 2-D weight matrices, AdamW (lr, weight_decay, betas) for everything else:
+    embeddings, head, norms, biases."""
+    muon_lr: float = 0.02
+    """muon: peak learning rate of the Muon matrices (the schedule scales it as it scales lr)."""
+    muon_momentum: float = 0.95
+    """muon: Nesterov momentum of the Muon matrices."""
+    muon_weight_decay: float = 0.0
+    """muon: decoupled weight decay of the Muon matrices."""
     weight_decay: float = 0.1
     """AdamW decoupled weight decay, on parameters of dim >= 2 only."""
     beta1: float = 0.9
@@ -224,6 +234,7 @@ class TrainConfig:
             "train.schedule", self.schedule, ("cosine", "wsd", "inverse_sqrt", "constant")
         )
         _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _check_choice("train.optimizer", self.optimizer, ("adamw", "muon"))
         for name in (
             "max_steps",
             "micro_batch_size",
@@ -236,6 +247,7 @@ class TrainConfig:
         ):
             _check_positive(f"train.{name}", getattr(self, name))
         _check_positive("train.lr", self.lr)
+        _check_positive("train.muon_lr", self.muon_lr)
         _check_positive("train.max_minutes", self.max_minutes, allow_zero=True)
         for name in (
             "min_lr",
@@ -245,6 +257,8 @@ class TrainConfig:
             "batch_ramp_interval",
             "keep_last",
             "label_smoothing",
+            "muon_momentum",
+            "muon_weight_decay",
         ):
             _check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
         if self.min_lr > self.lr:

@@ -21,7 +21,8 @@ from lmforge.model.gpt import GPT
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import DistInfo
 from lmforge.train.losses import CausalLMLoss
-from lmforge.train.optim import build_optimizer, param_groups
+from lmforge.train.muon import Muon
+from lmforge.train.optim import build_optimizers
 from lmforge.train.schedule import accum_steps_at, lr_at
 from lmforge.train.trainer import Trainer
 
@@ -184,7 +185,7 @@ def test_adamw_matches_torch_and_the_formula(text_file, tmp_path):
     ours_model = GPT(cfg.model)
     ref_model = GPT(cfg.model)
     ref_model.load_state_dict(ours_model.state_dict())
-    ours = build_optimizer(ours_model, cfg.train, torch.device("cpu"))
+    (ours,) = build_optimizers(ours_model, cfg.train, torch.device("cpu"))
     decay = [p for p in ref_model.parameters() if p.dim() >= 2]
     no_decay = [p for p in ref_model.parameters() if p.dim() < 2]
     ref = torch.optim.AdamW(
@@ -220,22 +221,91 @@ def test_adamw_matches_torch_and_the_formula(text_file, tmp_path):
         torch.testing.assert_close(p, by_hand[n], rtol=1e-5, atol=1e-6)
 
 
-def test_every_trainable_parameter_in_exactly_one_group(text_file, tmp_path):
-    cfg = tiny_cfg(text_file, tmp_path)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_every_trainable_parameter_in_exactly_one_group(text_file, tmp_path, optimizer):
+    cfg = tiny_cfg(text_file, tmp_path, optimizer=optimizer)
     cfg.model.vocab_size = 65
     model = GPT(cfg.model)  # the tiny preset ties lm_head to the token embedding
     model.blocks[0].attn.qkv.weight.requires_grad_(False)  # frozen: in no group
-    groups = param_groups(model, 0.1)
-    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
-    grouped = [id(p) for g in groups for p in g["params"]]
+    optimizers = build_optimizers(model, cfg.train, torch.device("cpu"))
+    adamw = optimizers[-1]
+    assert isinstance(adamw, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in adamw.param_groups] == [0.1, 0.0]
+    grouped = [id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]]
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert len(grouped) == len(set(grouped)) == len(trainable) and set(grouped) == trainable
     assert (
         id(model.lm_head.weight) in grouped and id(model.blocks[0].attn.qkv.weight) not in grouped
     )
-    assert all(p.dim() >= 2 for p in groups[0]["params"]) and all(
-        p.dim() < 2 for p in groups[1]["params"]
+    decay, no_decay = adamw.param_groups
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(
+        p.dim() < 2 for p in no_decay["params"]
     )
+    in_adamw = {id(p) for g in adamw.param_groups for p in g["params"]}
+    # embeddings (the tied head), norms and biases always go to AdamW; block matrices to Muon
+    assert id(model.wte.weight) in in_adamw
+    assert all(id(p) in in_adamw for p in model.parameters() if p.dim() < 2)
+    if optimizer == "muon":
+        muon = optimizers[0]
+        assert isinstance(muon, Muon) and len(optimizers) == 2
+        matrices = [p for n, p in model.named_parameters() if n.startswith("blocks.")]
+        matrices = [p for p in matrices if p.dim() == 2 and p.requires_grad]
+        assert [id(p) for p in muon.param_groups[0]["params"]] == [id(p) for p in matrices]
+    else:
+        assert len(optimizers) == 1
+
+
+def newton_schulz_by_hand(g: torch.Tensor) -> torch.Tensor:
+    """Jordan's quintic Newton-Schulz iteration, 5 steps, written out in fp32."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.T if g.size(0) > g.size(1) else g
+    x = x / x.norm()
+    for _ in range(5):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if g.size(0) > g.size(1) else x
+
+
+def test_a_muon_step_is_newton_schulz_orthogonalised_nesterov_momentum(text_file, tmp_path):
+    cfg = tiny_cfg(text_file, tmp_path, optimizer="muon", muon_lr=0.02, muon_weight_decay=0.1)
+    cfg.model.vocab_size = 65
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    optimizers = build_optimizers(model, cfg.train, torch.device("cpu"))
+    weight = model.blocks[0].mlp.fc.weight  # (4d, d): tall, its lr scaled by sqrt(4)
+    by_hand, buf = weight.detach().clone(), torch.zeros_like(weight)
+    x = torch.randint(0, 65, (2, 16))
+    for _ in range(3):
+        for opt in optimizers:
+            opt.zero_grad()
+        model(x).square().mean().backward()
+        g = weight.grad
+        buf = 0.95 * buf + 0.05 * g  # momentum as an EMA
+        update = newton_schulz_by_hand(0.05 * g + 0.95 * buf)  # Nesterov
+        by_hand = (
+            by_hand * (1 - 0.02 * 0.1) - 0.02 * (weight.size(0) / weight.size(1)) ** 0.5 * update
+        )
+        for opt in optimizers:
+            opt.step()
+    torch.testing.assert_close(weight.detach(), by_hand, rtol=0, atol=1e-5)
+
+
+def test_muon_orthogonalising_in_bf16_is_torch_muon():
+    torch.manual_seed(0)
+    shapes = [(48, 16), (16, 48), (32, 32)]
+    ours_params = [torch.randn(shape, requires_grad=True) for shape in shapes]
+    torch_params = [p.detach().clone().requires_grad_() for p in ours_params]
+    ours = Muon(ours_params, lr=0.02, momentum=0.95, weight_decay=0.1, ns_dtype=torch.bfloat16)
+    reference = torch.optim.Muon(torch_params, lr=0.02, momentum=0.95, weight_decay=0.1)
+    for _ in range(3):
+        grads = [torch.randn(shape) for shape in shapes]
+        for params, opt in ((ours_params, ours), (torch_params, reference)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours_params, torch_params))
+    with pytest.raises(ValueError, match="2-D"):
+        Muon([torch.zeros(3, requires_grad=True)], lr=0.02)
 
 
 @pytest.mark.parametrize(
@@ -293,9 +363,10 @@ def _lmforge(*args: str) -> list[str]:
     return [sys.executable, "-m", "lmforge", *args]
 
 
-def _train_args(text_file: Path, run_dir: Path, name: str, steps: int) -> list[str]:
+def _train_args(text_file: Path, run_dir: Path, name: str, steps: int, *extra: str) -> list[str]:
     return [
         "train",
+        *extra,
         f"--data.path={text_file}",
         "--model.preset=tiny",
         "--model.dropout=0.1",
@@ -315,7 +386,8 @@ def _train_losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_metrics(run) if "loss" in r]
 
 
-def test_sigterm_then_resume_in_a_new_process_is_bitwise_equal(text_file, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_sigterm_then_resume_in_a_new_process_is_bitwise_equal(text_file, tmp_path, optimizer):
     """A real SIGTERM mid-run, then `--resume` in a fresh process, with dropout on: every
     step's loss and the final weights equal an uninterrupted run's, bit for bit."""
     import signal
@@ -323,13 +395,14 @@ def test_sigterm_then_resume_in_a_new_process_is_bitwise_equal(text_file, tmp_pa
 
     steps = 400
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = (steps, f"--train.optimizer={optimizer}")
     straight = subprocess.run(
-        _lmforge(*_train_args(text_file, tmp_path, "straight", steps)),
+        _lmforge(*_train_args(text_file, tmp_path, "straight", *args)),
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert straight.returncode == 0, straight.stderr[-2000:]
     proc = subprocess.Popen(
-        _lmforge(*_train_args(text_file, tmp_path, "cut", steps)),
+        _lmforge(*_train_args(text_file, tmp_path, "cut", *args)),
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     metrics, deadline = tmp_path / "cut" / "metrics.jsonl", time.time() + 120
@@ -563,6 +636,8 @@ def test_bad_input_gives_one_clear_line(text_file, tmp_path, capsys):
     base = ["train", f"--run.dir={tmp_path}", "--model.preset=tiny"]
     assert "'train.lr'" in _error_line(capsys, [*base, "--train.lrr=1"])
     assert "train.lr" in _error_line(capsys, [*base, "--train.lr=fast"])
+    assert "train.optimizer" in _error_line(capsys, [*base, "--train.optimizer=sgd"])
+    assert "train.muon_lr" in _error_line(capsys, [*base, "--train.muon_lr=0"])
     assert "not found" in _error_line(capsys, [*base, f"--data.path={tmp_path / 'missing.txt'}"])
     empty = tmp_path / "empty.txt"
     empty.write_text("")

@@ -42,7 +42,7 @@ from lmforge.train.distributed import (
 )
 from lmforge.train.losses import Batch, CausalLMLoss, LossFn
 from lmforge.train.metrics import MetricsLogger
-from lmforge.train.optim import build_optimizer
+from lmforge.train.optim import build_optimizers, lr_scale
 from lmforge.train.schedule import accum_steps_at, lr_at
 
 # Columns of the printed log line and their formats (metrics.jsonl keeps full precision).
@@ -111,7 +111,7 @@ class Trainer:
         self.extra_eval = extra_eval  # more val_* metrics, e.g. from generation
         self.precision = pick_precision(self.tcfg.precision, self.device)
         self.train_model = parallelize(self.model, self.tcfg, dist_info)
-        self.optimizer = build_optimizer(self.model, self.tcfg, self.device)
+        self.optimizers = build_optimizers(self.model, self.tcfg, self.device, self.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.step = 0  # optimizer steps taken
@@ -124,14 +124,15 @@ class Trainer:
 
     # ---------------------------------------------------------------- one optimizer step
     def train_step(self) -> dict[str, Any]:
-        """Forward/backward over this step's micro-batches, clip, AdamW step. Returns the step's
+        """Forward/backward over this step's micro-batches, clip, optimizer step. Returns the step's
         metrics. A step whose loss or gradient is not finite, or that holds no loss units on
         any rank, is skipped (no update); so is an fp16 step whose gradients overflowed."""
-        model, opt = self.train_model, self.optimizer
+        model = self.train_model
         accum = accum_steps_at(self.step, self.tcfg.grad_accum_steps, self.tcfg.batch_ramp_interval)
         lr = lr_at(self.step, self.tcfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr * lr_scale(opt, self.tcfg)
         batches = [self._to_device(b) for b in self.train_loader.next_step(accum)]
         units = torch.stack([self.loss_fn.units(b) for b in batches]).sum().double()
         units_total = all_reduce_sum(units).item()
@@ -144,7 +145,8 @@ class Trainer:
         totals = _reduce_over_ranks(sums)
         row: dict[str, Any] = {"step": self.step + 1, "lr": lr}
         row |= _per_unit(totals)
-        self.scaler.unscale_(opt)
+        for opt in self.optimizers:
+            self.scaler.unscale_(opt)
         max_norm = self.tcfg.grad_clip if self.tcfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm).item()
         row["grad_norm"] = grad_norm
@@ -159,13 +161,15 @@ class Trainer:
             row["skipped"] = "non-finite loss or gradient"
             self.bad_steps += 1
         else:
-            self.scaler.step(opt)  # with fp16, skips the update if gradients overflowed
+            for opt in self.optimizers:  # with fp16, skips the update if gradients overflowed
+                self.scaler.step(opt)
             self.bad_steps = 0
         self.scaler.update()
         if scale_before is not None and self.scaler.get_scale() < scale_before:
             row.setdefault("skipped", "fp16 gradients overflowed")
             row["loss_scale"] = self.scaler.get_scale()
-        opt.zero_grad(set_to_none=True)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens += int(totals["tokens"])
         row["tokens"] = self.tokens
@@ -233,7 +237,7 @@ class Trainer:
             "tokens": self.tokens,
             "best_val": self.best_val,
             "best_step": self.best_step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
             "scaler": self.scaler.state_dict(),
             "data": self.train_loader.state_dict(),
             "rng_cpu": torch.get_rng_state(),
@@ -282,7 +286,15 @@ class Trainer:
             # exactly as it began, whatever a new probe of this machine would say
             self.precision = state["precision"]
             self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizers = build_optimizers(self.model, self.tcfg, self.device, self.precision)
+        saved = state["optimizers"] if "optimizers" in state else [state["optimizer"]]
+        if len(saved) != len(self.optimizers):
+            raise LmforgeError(
+                f"{folder} was trained with {len(saved)} optimizer(s), this run has "
+                f"{len(self.optimizers)}: resume with the train.optimizer it was trained with"
+            )
+        for opt, opt_state in zip(self.optimizers, saved):
+            opt.load_state_dict(opt_state)
         self.scaler.load_state_dict(state["scaler"])
         self.train_loader.load_state_dict(state["data"])
         self.step, self.tokens = state["step"], state["tokens"]

@@ -1,0 +1,71 @@
+"""Muon (Jordan et al. 2024): SGD momentum whose update is orthogonalised by a few
+Newton-Schulz iterations, for 2-D weight matrices.
+
+The update is torch.optim.Muon's, step for step (Nesterov momentum as an EMA, Jordan's quintic
+coefficients, decoupled weight decay, the learning rate scaled by sqrt(max(1, rows / cols))),
+with one change: torch's runs the Newton-Schulz matmuls in bf16 always. On a CPU without
+native bf16 those are many times slower than fp32 (see hardware.pick_precision), so here they
+run in `ns_dtype`: the run's own matmul precision. With ns_dtype=torch.bfloat16 the update is
+torch's exactly (tests/test_train.py checks both).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalise(update: torch.Tensor, steps: int, dtype: torch.dtype) -> torch.Tensor:
+    """Newton-Schulz's quintic iteration towards U V^T of update = U S V^T, (m, n) -> (m, n)
+    in `dtype`. It works on the wide orientation (rows <= columns), so X X^T is the small Gram
+    matrix."""
+    a, b, c = NS_COEFFICIENTS
+    x = update.to(dtype)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.95,
+        weight_decay: float = 0.0,
+        ns_steps: int = 5,
+        ns_dtype: torch.dtype = torch.float32,
+    ):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps)
+        super().__init__(params, defaults)
+        self.ns_dtype = ns_dtype
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() != 2:
+                    raise ValueError(f"Muon takes 2-D matrices; got a {tuple(p.shape)} tensor")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else torch.enable_grad()(closure)()
+        for group in self.param_groups:
+            lr, mu = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - mu)
+                update = orthogonalise(p.grad.lerp(buf, mu), group["ns_steps"], self.ns_dtype)
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-lr * math.sqrt(max(1.0, p.size(0) / p.size(1))))
+        return loss
