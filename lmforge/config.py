@@ -57,9 +57,10 @@ class ModelConfig:
     d_model: int = 128
     """Width of the residual stream."""
     ffn_hidden: int | None = None
-    """FFN hidden size; None = 4*d_model for GELU, Llama's 2/3*4*d_model rounded up to 64 for SwiGLU."""
+    """FFN hidden size; None = 4*d_model for GELU and ReLU squared, Llama's 2/3*4*d_model rounded up to 64 for SwiGLU."""
     mlp: str = "gelu"
-    """gelu (exact), gelu_tanh (GPT-2's approximation) or swiglu (Llama)."""
+    """gelu (exact), gelu_tanh (GPT-2's approximation), swiglu (Llama) or relu2 (ReLU squared,
+    modded-nanogpt and Primer: fc -> relu(x)^2 -> proj)."""
     norm: str = "layernorm"
     """layernorm or rmsnorm."""
     norm_eps: float = 1e-5
@@ -82,9 +83,18 @@ class ModelConfig:
     """Share the output head's weight with the token embedding."""
     init_std: float = 0.02
     """Standard deviation of the GPT-2 weight init."""
+    zero_init_proj: bool = False
+    """Initialise the residual output projections (attn.proj, mlp.proj) to zero, so every
+    block starts as the identity (modded-nanogpt)."""
+    qk_norm: bool = False
+    """RMSNorm (learnable, per head) on queries and keys before RoPE, which keeps attention
+    logits bounded at high learning rates (OLMo-2, Qwen3, modded-nanogpt)."""
+    logit_softcap: float | None = None
+    """If set, logits = cap * tanh(logits / cap): bounds the head's output (Gemma 2,
+    modded-nanogpt)."""
 
     def __post_init__(self) -> None:
-        _check_choice("model.mlp", self.mlp, ("gelu", "gelu_tanh", "swiglu"))
+        _check_choice("model.mlp", self.mlp, ("gelu", "gelu_tanh", "swiglu", "relu2"))
         _check_choice("model.norm", self.norm, ("layernorm", "rmsnorm"))
         _check_choice("model.norm_position", self.norm_position, ("pre", "post"))
         _check_choice(
@@ -96,6 +106,11 @@ class ModelConfig:
         _check_positive("model.n_kv_head", self.n_kv_head)
         _check_positive("model.ffn_hidden", self.ffn_hidden)
         _check_positive("model.sliding_window", self.sliding_window)
+        if self.logit_softcap is not None and not 0 < self.logit_softcap < float("inf"):
+            raise LmforgeError(
+                f"model.logit_softcap={self.logit_softcap} must be a finite number > 0 "
+                "(null = no capping)"
+            )
         if self.d_model % self.n_head:
             raise LmforgeError(
                 f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}"

@@ -297,7 +297,7 @@ class Scorer:
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         """The decoder's output layer on final hidden states (n, d) -> logits (n, V)."""
         decoder = getattr(self.model, "model", self.model)  # a prefix/P-tuned wrapper's GPT
-        return decoder.lm_head(hidden)
+        return decoder.logits(hidden)  # lm_head (+ logit_softcap)
 
     # ------------------------------------------------------------------ rolling windows
 

@@ -173,6 +173,10 @@ class Attention(nn.Module):
         self.nh, self.nkv, self.hd = cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.qkv = nn.Linear(cfg.d_model, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        # QK-norm: RMSNorm of each head's query and key, so that attention logits cannot grow
+        # with the weights (a cause of loss spikes at high learning rates); None when off
+        self.q_norm = nn.RMSNorm(self.hd, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.hd, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
@@ -185,6 +189,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        if self.q_norm is not None:  # before RoPE and the cache: cached keys are normed too
+            q, k = self.q_norm(q), self.k_norm(k)  # over hd; (B, nh, T, hd), (B, nkv, T, hd)
         if rope is not None:
             cos, sin = rope  # (B, 1, T, hd)
             q = q * cos + rotate_half(q) * sin
@@ -203,7 +209,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GPT-2's fc -> GELU -> proj, or Llama's SwiGLU (gate and up fused into one matmul)."""
+    """GPT-2's fc -> GELU -> proj, Llama's SwiGLU (gate and up fused into one matmul), or
+    fc -> ReLU squared -> proj (relu2: as cheap as GELU, trains faster in modded-nanogpt)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -220,6 +227,8 @@ class MLP(nn.Module):
         if self.kind == "swiglu":
             gate, up = self.gate_up(x).chunk(2, dim=-1)  # (B, T, hidden) each
             h = F.silu(gate) * up
+        elif self.kind == "relu2":
+            h = F.relu(self.fc(x)).square()  # (B, T, hidden)
         else:
             h = F.gelu(self.fc(x), approximate="tanh" if self.kind == "gelu_tanh" else "none")
         return self.drop(self.proj(h))
@@ -311,14 +320,19 @@ class GPT(nn.Module):
         """GPT-2's scheme, one place for every tensor:
         - token and learned position embeddings, every Linear weight: N(0, init_std);
         - residual output projections (attn.proj, mlp.proj): N(0, init_std / sqrt(2 * n_layer)),
-          so the residual stream's variance does not grow with depth;
-        - biases 0; norm weights 1 (LayerNorm bias 0); an untied lm_head like any Linear."""
+          so the residual stream's variance does not grow with depth; with zero_init_proj, 0
+          (drawn, then zeroed: every other tensor gets the draw it gets without the option),
+          so that each block starts as the identity;
+        - biases 0; norm weights 1 (LayerNorm bias 0, QK-norms too); an untied lm_head like
+          any Linear."""
         std = self.config.init_std
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
                 is_residual_out = name.endswith("attn.proj") or name.endswith("mlp.proj")
                 scale = 1 / math.sqrt(2 * self.config.n_layer) if is_residual_out else 1.0
                 nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+                if is_residual_out and self.config.zero_init_proj:
+                    nn.init.zeros_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
@@ -435,7 +449,17 @@ class GPT(nn.Module):
         elif logits_to_keep:
             x = x[:, -logits_to_keep:]  # (B, k, d)
         x = self.norm_f(x)
-        return x if return_hidden else self.lm_head(x)  # (B, T or k, d or V)
+        return x if return_hidden else self.logits(x)  # (B, T or k, d or V)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output layer on final normed hidden states (..., d) -> logits (..., V), for
+        forward and for callers that took return_hidden. With logit_softcap, cap * tanh(z /
+        cap): logits stay in (-cap, cap), so none can run away (Gemma 2, modded-nanogpt)."""
+        logits = self.lm_head(hidden)  # (..., V)
+        cap = self.config.logit_softcap
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
     def set_regularisation(self, dropout: float, drop_path: float) -> None:
         """Change dropout and stochastic depth of a built model, e.g. to fine-tune with dropout a

@@ -138,4 +138,4 @@ class ActorCritic(nn.Module):
             input_ids, attention_mask=attention_mask, return_hidden=True
         )  # (B, T, d)
         gpt = next(m for m in self.policy.modules() if isinstance(m, GPT))
-        return gpt.lm_head(hidden), self.value_head(hidden)[..., 0]
+        return gpt.logits(hidden), self.value_head(hidden)[..., 0]

@@ -65,7 +65,8 @@ class Rule:
 
 def family(cfg: ModelConfig) -> str:
     """'gpt2' or 'llama' for a config that HF can represent exactly; LmforgeError naming the
-    features that have no HF equivalent otherwise."""
+    features that have no HF equivalent otherwise (zero_init_proj is only an init: it
+    exports)."""
     name = "llama" if cfg.mlp == "swiglu" else "gpt2"
     want = (
         {"norm": "rmsnorm", "pos_encoding": "rope"}
@@ -80,6 +81,12 @@ def family(cfg: ModelConfig) -> str:
         problems.append(f"sliding_window={cfg.sliding_window} (needs none)")
     if name == "gpt2" and cfg.kv_heads != cfg.n_head:
         problems.append(f"n_kv_head={cfg.kv_heads} (GPT-2 has no grouped-query attention)")
+    if cfg.mlp == "relu2":
+        problems.append("mlp=relu2 (needs gelu or gelu_tanh)")
+    if cfg.qk_norm:
+        problems.append("qk_norm=true (needs false)")
+    if cfg.logit_softcap is not None:
+        problems.append(f"logit_softcap={cfg.logit_softcap} (needs none)")
     if problems:
         arch = "LlamaForCausalLM" if name == "llama" else "GPT2LMHeadModel"
         raise LmforgeError(
@@ -229,6 +236,7 @@ def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> Conf
     fields["init_std"] = hf.get("initializer_range", 0.02)
     fields["norm_position"] = "pre"
     fields["sliding_window"] = None
+    fields |= {"qk_norm": False, "logit_softcap": None, "zero_init_proj": False}
     return build_config({"model": fields})
 
 
