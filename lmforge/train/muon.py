@@ -18,20 +18,21 @@ import torch
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalise(update: torch.Tensor, steps: int, dtype: torch.dtype) -> torch.Tensor:
-    """Newton-Schulz's quintic iteration towards U V^T of update = U S V^T, (m, n) -> (m, n)
-    in `dtype`. It works on the wide orientation (rows <= columns), so X X^T is the small Gram
-    matrix."""
+def orthogonalise(updates: torch.Tensor, steps: int, dtype: torch.dtype) -> torch.Tensor:
+    """Newton-Schulz's quintic iteration towards U V^T of each update = U S V^T: (k, m, n) ->
+    (k, m, n) in `dtype`. It works on the wide orientation (rows <= columns), so X X^T is the
+    small Gram matrix. Matrices of one shape go through together (batched matmuls): a
+    small model's step has a dozen small matrices, and one call each costs more than the math."""
     a, b, c = NS_COEFFICIENTS
-    x = update.to(dtype)
-    tall = x.size(0) > x.size(1)
+    x = updates.to(dtype)
+    tall = x.size(-2) > x.size(-1)
     if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=1e-7)  # spectral norm <= Frobenius norm <= 1
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)  # spectral norm <= 1
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+        gram = x @ x.mT  # (k, m, m)
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
 
 
 class Muon(torch.optim.Optimizer):
@@ -57,6 +58,7 @@ class Muon(torch.optim.Optimizer):
         loss = None if closure is None else torch.enable_grad()(closure)()
         for group in self.param_groups:
             lr, mu = group["lr"], group["momentum"]
+            by_shape: dict[torch.Size, list[tuple[torch.Tensor, torch.Tensor]]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -65,7 +67,12 @@ class Muon(torch.optim.Optimizer):
                     state["momentum_buffer"] = torch.zeros_like(p)
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mu)
-                update = orthogonalise(p.grad.lerp(buf, mu), group["ns_steps"], self.ns_dtype)
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-lr * math.sqrt(max(1.0, p.size(0) / p.size(1))))
+                by_shape.setdefault(p.shape, []).append((p, p.grad.lerp(buf, mu)))  # Nesterov
+            for (rows, cols), pairs in by_shape.items():
+                stacked = torch.stack([nesterov for _, nesterov in pairs])  # (k, rows, cols)
+                updates = orthogonalise(stacked, group["ns_steps"], self.ns_dtype)
+                step_size = lr * math.sqrt(max(1.0, rows / cols))
+                for (p, _), update in zip(pairs, updates):
+                    p.mul_(1 - lr * group["weight_decay"])
+                    p.add_(update.to(p.dtype), alpha=-step_size)
         return loss
