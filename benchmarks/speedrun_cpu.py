@@ -21,6 +21,7 @@ The ratio is lmforge's training time to the target over nanoGPT's.
 from __future__ import annotations
 
 import argparse
+import bisect
 import re
 import statistics
 import sys
@@ -42,16 +43,15 @@ def evaluations(lines, iter_re: str, val_re: str) -> list[dict]:
             evals.append({"step": int(m.group(1)), "val": float(m.group(2)), "wall_s": t})
         elif re.search(iter_re, line):
             iter_times.append(t)
-    gaps = sorted(b - a for a, b in zip(iter_times, iter_times[1:]))
+    gaps = [b - a for a, b in zip(iter_times, iter_times[1:])]
     typical = statistics.median(gaps) if gaps else 0.0
+    paused = 0.0  # evaluation pauses so far
     for e in evals:
-        before = [t for t in iter_times if t < e["wall_s"]]
-        earlier_pauses = sum(
-            max(0.0, min([t for t in iter_times if t > p["wall_s"]], default=p["wall_s"])
-                - max([t for t in iter_times if t < p["wall_s"]], default=0.0) - typical)
-            for p in evals if p["wall_s"] < e["wall_s"]
-        )  # fmt: skip
-        e["train_s"] = (before[-1] if before else 0.0) - earlier_pauses
+        after = bisect.bisect_left(iter_times, e["wall_s"])  # first iteration after it
+        last_before = iter_times[after - 1] if after else 0.0
+        e["train_s"] = last_before - paused
+        first_after = iter_times[after] if after < len(iter_times) else e["wall_s"]
+        paused += max(0.0, first_after - last_before - typical)
     return evals
 
 
