@@ -150,7 +150,12 @@ class BatchEngine:
     (11.3 against 7.0 ms on 2 cores)."""
 
     def __init__(
-        self, model, slots: int = 16, max_queue: int = 64, start: bool = True, threads=None
+        self,
+        model,
+        slots: int = 16,
+        max_queue: int = 64,
+        start: bool = True,
+        threads: int | None = None,
     ):
         self.model = model.eval()
         self.threads = threads or torch.get_num_threads()

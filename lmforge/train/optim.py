@@ -44,8 +44,9 @@ def build_optimizers(
     (bf16 for bf16 runs, else fp32)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # dedups ties
     muon = train_cfg.optimizer == "muon"
-    matrices = [p for n, p in named if muon and is_muon_matrix(n, p)]
-    rest = [p for n, p in named if not (muon and is_muon_matrix(n, p))]
+    matrices, rest = [], []
+    for name, p in named:
+        (matrices if muon and is_muon_matrix(name, p) else rest).append(p)
     optimizers: list[torch.optim.Optimizer] = []
     if matrices:
         optimizers.append(
