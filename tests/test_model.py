@@ -294,3 +294,50 @@ def test_return_hidden_gives_what_the_head_reads():
     hidden = model(ids, return_hidden=True)  # (B, T, d): for classification/reward/value heads
     assert hidden.shape == (2, 9, model.config.d_model)
     torch.testing.assert_close(model.lm_head(hidden), model(ids))
+
+
+def test_explicit_causal_attention_matches_sdpa_in_bf16():
+    """CPU bf16 training spells short causal attention out (gpt.causal_attention) because
+    SDPA's CPU flash backward is slow there: outputs and gradients agree with SDPA's math
+    kernel in fp32 to bf16's precision, with grouped kv heads repeated."""
+    from lmforge.model.gpt import attend, causal_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 24, 16, generator=g) for _ in range(3))
+    grad_out = torch.randn(2, 4, 24, 16, generator=g)
+
+    def run(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(grad_out.to(dtype))
+        return [out.float()] + [t.grad.float() for t in leaves]
+
+    reference = run(lambda *t: attend(*t, mask=True), torch.float32)  # SDPA
+    explicit = run(causal_attention, torch.bfloat16)
+    for got, want in zip(explicit, reference):
+        torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)
+    # k, v with 2 heads serve 4 query heads through `attend` as with SDPA's enable_gqa
+    kv2 = [t[:, :2].to(torch.bfloat16) for t in (k, v)]
+    qb = q.to(torch.bfloat16).requires_grad_()
+    torch.testing.assert_close(
+        attend(qb, *kv2, mask=True).float(),
+        attend(q, *(t.float() for t in kv2), mask=True),
+        atol=0.05,
+        rtol=0.05,
+    )
+
+
+def test_explicit_attention_only_for_short_causal_low_precision_on_cpu():
+    from lmforge.model.gpt import EXPLICIT_ATTENTION_MAX_T, explicit_attention_pays
+
+    def qk(dtype=torch.bfloat16, T=64, S=None):
+        return torch.zeros(1, 1, T, 8, dtype=dtype), torch.zeros(1, 1, S or T, 8, dtype=dtype)
+
+    assert explicit_attention_pays(*qk(), True, 0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 activations, bf16 matmuls
+        assert explicit_attention_pays(*qk(torch.float32), True, 0.0)
+    assert not explicit_attention_pays(*qk(torch.float32), True, 0.0)  # fp32: SDPA, as before
+    assert not explicit_attention_pays(*qk(), True, 0.1)  # attention dropout: SDPA's
+    assert not explicit_attention_pays(*qk(), torch.ones(1, 1, 64, 64, dtype=torch.bool), 0.0)
+    assert not explicit_attention_pays(*qk(T=1, S=64), False, 0.0)  # decoding against a cache
+    assert not explicit_attention_pays(*qk(T=EXPLICIT_ATTENTION_MAX_T + 1), True, 0.0)

@@ -100,6 +100,49 @@ def prefix_mask(mask: torch.Tensor | bool, T: int, S: int, P: int, device) -> to
     return torch.cat([mask.new_ones(*mask.shape[:-1], P), mask], dim=-1)
 
 
+EXPLICIT_ATTENTION_MAX_T = 512
+"""Longest sequence for which bf16/fp16 attention on CPU is spelled out (causal_attention)
+rather than left to SDPA. PyTorch's CPU flash kernel is slow in low precision, its backward
+most: on a 2-core EPYC, 16 x 4 heads x 128 x 32 took 10.5 ms forward + backward against
+2.1 ms written out, and the written-out path stayed ahead up to 512 tokens (2.7x) but fell
+behind at 1,024 (0.73x), where its (T, T) scores outgrow the caches. fp32 stays on SDPA,
+which is as fast or faster there. `python benchmarks/attention_cpu.py` prints the figures."""
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype x's matmuls run in: autocast's where it is on for x's device, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def explicit_attention_pays(
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | bool, dropout_p: float
+) -> bool:
+    """Whether `attend` should use causal_attention rather than SDPA: plain causal attention
+    over T <= EXPLICIT_ATTENTION_MAX_T queries and as many keys, on CPU, in bf16/fp16, without
+    attention dropout."""
+    return (
+        mask is True
+        and dropout_p == 0.0
+        and q.device.type == "cpu"
+        and compute_dtype(q) in (torch.bfloat16, torch.float16)
+        and q.size(-2) == k.size(-2) <= EXPLICIT_ATTENTION_MAX_T
+    )
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd) + causal mask) v, written out in the matmuls' precision: q, k, v
+    (B, nh, T, hd) -> (B, nh, T, hd). Scores and probabilities are rounded to bf16/fp16 as flash
+    attention rounds them; PyTorch's softmax kernel sums in fp32."""
+    B, nh, T, hd = q.shape
+    dtype = compute_dtype(q)
+    causal = torch.full((T, T), float("-inf"), dtype=dtype, device=q.device).triu(1)  # (T, T)
+    scores = torch.baddbmm(  # (B*nh, T, T), the mask added by the matmul itself
+        causal.expand(B * nh, T, T), (q * hd**-0.5).flatten(0, 1), k.flatten(0, 1).mT
+    )
+    return (scores.softmax(dim=-1) @ v.flatten(0, 1)).view(B, nh, T, hd)
+
+
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | bool, dropout_p=0.0
 ) -> torch.Tensor:
@@ -107,6 +150,11 @@ def attend(
     (B, nh, T, hd). mask as GPT._mask gives it: True causal, False none, else boolean."""
     gqa = {}
     nh, nkv = q.size(1), k.size(1)
+    if explicit_attention_pays(q, k, mask, dropout_p):
+        if nkv != nh:
+            k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hd)
+            v = v.repeat_interleave(nh // nkv, dim=1)
+        return causal_attention(q, k, v)
     if nkv != nh:
         if sdpa_gqa(q, mask):
             gqa = {"enable_gqa": True}  # SDPA pairs query head h with kv head h // (nh/nkv)
@@ -138,6 +186,15 @@ def sinusoidal_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
     angles = positions[..., None].float() * inv_freq  # (B, T, dim/2)
     # an odd dim has one more sin than cos column: drop the last cos
     return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)[..., :dim]
+
+
+class HeadNorm(nn.RMSNorm):
+    """QK-norm: RMSNorm over each head's vector, in the dtype queries and keys arrive in. Under
+    bf16 autocast they are bf16, and nn.RMSNorm's fp32 gain would send them down PyTorch's
+    unfused path (and return fp32); the gain is cast instead (a no-op in fp32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
 
 
 class DropPath(nn.Module):
@@ -175,8 +232,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         # QK-norm: RMSNorm of each head's query and key, so that attention logits cannot grow
         # with the weights (a cause of loss spikes at high learning rates); None when off
-        self.q_norm = nn.RMSNorm(self.hd, eps=cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = nn.RMSNorm(self.hd, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm = HeadNorm(self.hd, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = HeadNorm(self.hd, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
@@ -433,7 +490,8 @@ class GPT(nn.Module):
         elif self.config.pos_encoding == "rope":
             freqs = pos[..., None].float() * self.rope_inv_freq  # (B, T, hd/2)
             emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
-            rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
+            dtype = compute_dtype(x)  # rotate in the matmuls' dtype, as transformers does
+            rope = (emb.cos().to(dtype), emb.sin().to(dtype))
         x = self.drop(x)
         mask = False if packed else self._mask(T, S, offset, attention_mask, device)
         layer_kv = [None] * len(self.blocks)
