@@ -490,6 +490,28 @@ class PPOConfig:
 
 
 @dataclass
+class QuantizeConfig:
+    """How a checkpoint's weights are stored and run (`lmforge quantize` sets it; loading
+    rebuilds the quantized layers from it)."""
+
+    method: str = "none"
+    """none, int8 (weight-only, one scale per output channel) or int4 (weight-only, one scale
+    and zero point per group of group_size input columns)."""
+    group_size: int = 128
+    """int4: input columns per scale; must divide every quantized layer's input width."""
+    activations: str = "none"
+    """none, or int8: activations quantized per token on the fly, so matmuls run int8 x int8
+    (int8 weights only)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("quantize.method", self.method, ("none", "int8", "int4"))
+        _check_choice("quantize.activations", self.activations, ("none", "int8"))
+        _check_positive("quantize.group_size", self.group_size)
+        if self.activations == "int8" and self.method != "int8":
+            raise LmforgeError("quantize.activations=int8 needs quantize.method=int8")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -500,6 +522,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
 
 
 # ---------------------------------------------------------------- `lmforge prepare`'s tree

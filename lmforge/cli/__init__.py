@@ -28,6 +28,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "import": ("lmforge.cli.import_hf", "import a Hugging Face model folder as a checkpoint"),
     "prepare": ("lmforge.cli.prepare", "raw sources -> cleaned, deduplicated token shards"),
     "tokenizer": ("lmforge.cli.tokenizer", "train a BPE tokenizer (`lmforge tokenizer train`)"),
+    "quantize": ("lmforge.cli.quantize", "store and run a checkpoint's weights in int8 or int4"),
     "scaling": ("lmforge.cli.scaling", "fit scaling laws L(N, D) and size compute-optimal runs"),
     "report": (
         "lmforge.cli.report",

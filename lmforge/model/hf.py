@@ -542,7 +542,11 @@ def export_hf(checkpoint: str | Path, out: str | Path, merge: bool = False) -> t
 
     out = Path(out)
     check_out_free(out)
-    model, tokenizer, _ = load_plain(checkpoint, merge)
+    model, tokenizer, cfg = load_plain(checkpoint, merge)
+    if cfg.quantize.method != "none":
+        raise LmforgeError(
+            f"{checkpoint} is quantized ({cfg.quantize.method}); export the float checkpoint"
+        )
     kind = family(model.config)
     with atomic_folder(out) as tmp:  # replaces `out` only if it is an empty folder (checked)
         save_hf(model, tokenizer, tmp)

@@ -59,7 +59,11 @@ def save_checkpoint(
         if isinstance(model, ActorCritic):
             save_model(model.value_head, str(tmp / VALUE_HEAD))
             model = model.policy
-        if cfg.peft.method == "none" or cfg.run.head != "lm" or cfg.classify.labels:  # heads: all
+        if cfg.quantize.method != "none":
+            from lmforge.compress.quantize import save_quantized
+
+            save_quantized(model, cfg.quantize, tmp / WEIGHTS)
+        elif cfg.peft.method == "none" or cfg.run.head != "lm" or cfg.classify.labels:  # heads: all
             save_model(model, str(tmp / WEIGHTS))
         else:
             base_hash = weights_sha256(resolve_checkpoint(cfg.run.base))
@@ -185,6 +189,11 @@ def load(
         load_weights(headed, folder)
         headed.tokenizer = tokenizer
         return headed.to(device).eval(), tokenizer
+    if cfg.quantize.method != "none":  # torchao rebuilds the layers from float ones first
+        from lmforge.compress.quantize import load_quantized
+
+        model = load_quantized(GPT(cfg.model), cfg.quantize, folder / WEIGHTS)
+        return model.to(device), tokenizer
     with torch.device("meta"):
         model = GPT(cfg.model)
     load_weights(model, folder, assign=True)
