@@ -29,6 +29,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "prepare": ("lmforge.cli.prepare", "raw sources -> cleaned, deduplicated token shards"),
     "tokenizer": ("lmforge.cli.tokenizer", "train a BPE tokenizer (`lmforge tokenizer train`)"),
     "scaling": ("lmforge.cli.scaling", "fit scaling laws L(N, D) and size compute-optimal runs"),
+    "sweep": ("lmforge.cli.sweep", "hyperparameter search (Optuna): trials are runs; resumable"),
     "report": (
         "lmforge.cli.report",
         "render a run's metrics (loss, lr, tokens/s, evals) as report.md with plots",
