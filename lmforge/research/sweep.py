@@ -206,7 +206,7 @@ def _run_workers(sweep: Sweep, jobs: int) -> None:
         raise KeyboardInterrupt
     for i, code in enumerate(codes):
         if code:
-            raise LmforgeError(f"sweep worker {i} failed (exit {code}); see {_log(sweep, i)}")
+            raise LmforgeError(f"sweep worker {i} stopped (exit {code}); its log: {_log(sweep, i)}")
 
 
 def _log(sweep: Sweep, worker: int) -> Path:
@@ -219,7 +219,7 @@ def _worker_main(sweep: Sweep, worker: int, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    terminal = sys.stdout
+    terminal, errors = sys.stdout, sys.stderr
 
     def say(message: str) -> None:
         print(message, file=terminal, flush=True)
@@ -228,6 +228,9 @@ def _worker_main(sweep: Sweep, worker: int, threads: int) -> None:
         try:
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
                 _optimize(sweep, worker, say)
+        except LmforgeError as e:  # one line, as the CLI would print it
+            print(f"lmforge: error: worker {worker}: {e}", file=errors, flush=True)
+            sys.exit(1)
         except KeyboardInterrupt:
             sys.exit(130)
 
