@@ -30,6 +30,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "tokenizer": ("lmforge.cli.tokenizer", "train a BPE tokenizer (`lmforge tokenizer train`)"),
     "quantize": ("lmforge.cli.quantize", "store and run a checkpoint's weights in int8 or int4"),
     "scaling": ("lmforge.cli.scaling", "fit scaling laws L(N, D) and size compute-optimal runs"),
+    "sweep": ("lmforge.cli.sweep", "hyperparameter search (Optuna): trials are runs; resumable"),
     "report": (
         "lmforge.cli.report",
         "render a run's metrics (loss, lr, tokens/s, evals) as report.md with plots",

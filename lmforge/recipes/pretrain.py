@@ -6,6 +6,7 @@ evaluates, checkpoints and prints a sample; `lmforge train` (lmforge/cli/train.p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,13 @@ from lmforge.train.losses import CausalLMLoss
 from lmforge.train.trainer import Trainer
 
 
-def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
-    """Pretrain per `cfg` (or continue the run folder `resume`). Returns the last metrics."""
+def train(
+    cfg: Config,
+    resume: str | Path | None = None,
+    on_eval: Callable[[dict[str, Any]], bool] | None = None,
+) -> dict[str, Any]:
+    """Pretrain per `cfg` (or continue the run folder `resume`). Returns the last metrics.
+    `on_eval` sees each evaluation row and may stop the run (Trainer's docstring)."""
     info = init_distributed(cfg.run.device)
     try:
         seed_everything(cfg.train.seed)
@@ -71,6 +77,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
             eval_loss_fn=CausalLMLoss(),
             tokenizer=data.tokenizer,
             bytes_per_token=data.bytes_per_token,
+            on_eval=on_eval,
         )
         if resume_ckpt:
             trainer.load_trainer_state(resume_ckpt)

@@ -11,6 +11,10 @@ resume (`state_dict`/`load_state_dict`) and, optionally, figures of its own to l
 the step (`step_metrics()`: PPO's rollout loader makes its rollouts there and reports their
 reward and KL). Evaluation runs the validation batches through the loss, `extra_eval`, or
 both.
+
+`on_eval(row)`, if given, sees every evaluation row after a training step; answering True
+stops the run there as a signal would (checkpoint, `stop_reason` "on_eval"): a
+hyperparameter search prunes unpromising trials through it (lmforge/research/sweep.py).
 """
 
 from __future__ import annotations
@@ -95,6 +99,7 @@ class Trainer:
         tokenizer=None,
         bytes_per_token: float | None = None,
         extra_eval: Callable[[], dict[str, float]] | None = None,
+        on_eval: Callable[[dict[str, Any]], bool] | None = None,
     ):
         self.cfg, self.tcfg = cfg, cfg.train
         self.dist = dist_info
@@ -109,6 +114,7 @@ class Trainer:
         self.tokenizer = tokenizer
         self.bytes_per_token = bytes_per_token
         self.extra_eval = extra_eval  # more val_* metrics, e.g. from generation
+        self.on_eval = on_eval  # see the module docstring
         self.precision = pick_precision(self.tcfg.precision, self.device)
         self.train_model = parallelize(self.model, self.tcfg, dist_info)
         self.optimizers = build_optimizers(self.model, self.tcfg, self.device, self.precision)
@@ -393,6 +399,8 @@ class Trainer:
                 final = self.step >= t.max_steps or stop_reason is not None
                 if evaluates and (self.step % t.eval_interval == 0 or final):
                     last_eval = self._eval_and_track(start)
+                    if self._asked_to_stop(last_eval) and not final:
+                        stop_reason, final = "on_eval", True
                 if self.step % t.ckpt_interval == 0 or final:
                     self.save_checkpoint()
                 if stop_reason:
@@ -417,6 +425,13 @@ class Trainer:
             self.best_val, self.best_step = val_loss, self.step
         self._log(row, force_print=True)
         return row
+
+    def _asked_to_stop(self, row: dict[str, Any]) -> bool:
+        """on_eval's answer to this evaluation row, agreed by all ranks (any one stops all)."""
+        if self.on_eval is None:
+            return False
+        asked = torch.tensor(int(bool(self.on_eval(row))), device=self.device)
+        return bool(all_reduce_max(asked).item())
 
     def _log(self, row: dict[str, Any], force_print: bool = False, note: str = "") -> None:
         self.logger.log(row)
