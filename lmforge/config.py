@@ -75,6 +75,10 @@ class ModelConfig:
     """RoPE base frequency (Llama 3: 500000)."""
     sliding_window: int | None = None
     """If set, each token attends to at most this many most recent tokens (itself included)."""
+    causal: bool = True
+    """Causal attention (each token sees those before it); false = bidirectional (every token
+    sees every real token; padding stays hidden), for masked-LM encoders (train.objective=mlm).
+    A bidirectional model cannot generate."""
     dropout: float = 0.0
     """Dropout on embeddings, attention probabilities and residual branches."""
     drop_path: float = 0.0
@@ -106,6 +110,10 @@ class ModelConfig:
         _check_positive("model.n_kv_head", self.n_kv_head)
         _check_positive("model.ffn_hidden", self.ffn_hidden)
         _check_positive("model.sliding_window", self.sliding_window)
+        if self.sliding_window is not None and not self.causal:
+            raise LmforgeError(
+                "model.sliding_window needs model.causal=true (its window is of earlier tokens)"
+            )
         if self.logit_softcap is not None and not 0 < self.logit_softcap < float("inf"):
             raise LmforgeError(
                 f"model.logit_softcap={self.logit_softcap} must be a finite number > 0 "
