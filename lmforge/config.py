@@ -75,6 +75,10 @@ class ModelConfig:
     """RoPE base frequency (Llama 3: 500000)."""
     sliding_window: int | None = None
     """If set, each token attends to at most this many most recent tokens (itself included)."""
+    causal: bool = True
+    """Causal attention (each token sees those before it); false = bidirectional (every token
+    sees every real token; padding stays hidden), for masked-LM encoders (train.objective=mlm).
+    A bidirectional model cannot generate."""
     dropout: float = 0.0
     """Dropout on embeddings, attention probabilities and residual branches."""
     drop_path: float = 0.0
@@ -106,6 +110,10 @@ class ModelConfig:
         _check_positive("model.n_kv_head", self.n_kv_head)
         _check_positive("model.ffn_hidden", self.ffn_hidden)
         _check_positive("model.sliding_window", self.sliding_window)
+        if self.sliding_window is not None and not self.causal:
+            raise LmforgeError(
+                "model.sliding_window needs model.causal=true (its window is of earlier tokens)"
+            )
         if self.logit_softcap is not None and not 0 < self.logit_softcap < float("inf"):
             raise LmforgeError(
                 f"model.logit_softcap={self.logit_softcap} must be a finite number > 0 "
@@ -215,6 +223,15 @@ class TrainConfig:
     """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing (training loss only; eval is plain)."""
+    objective: str = "causal"
+    """Pretraining objective: causal (next-token prediction) or mlm (BERT's masked-language
+    modelling: predict the tokens hidden in the input; needs model.causal=false)."""
+    mask_prob: float = 0.15
+    """mlm: share of each sequence's real tokens selected for prediction (of those 80% become
+    [MASK], 10% a random token, 10% stay)."""
+    nsp: bool = False
+    """mlm: add BERT's next-sentence prediction: each sequence is [CLS] A [SEP] B [SEP], B the
+    text after A or a random span (half each), classified from the [CLS] position."""
     precision: str = "auto"
     """auto (bf16 on capable GPUs; on CPUs bf16 where native bf16 matmuls measure faster, else
     fp32), fp32, bf16 or fp16 (with dynamic loss scaling)."""
@@ -250,6 +267,11 @@ class TrainConfig:
         )
         _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _check_choice("train.optimizer", self.optimizer, ("adamw", "muon"))
+        _check_choice("train.objective", self.objective, ("causal", "mlm"))
+        if not 0 < self.mask_prob < 1:
+            raise LmforgeError(f"train.mask_prob={self.mask_prob} must be in (0, 1)")
+        if self.nsp and self.objective != "mlm":
+            raise LmforgeError("train.nsp=true needs train.objective=mlm (BERT pretraining)")
         for name in (
             "max_steps",
             "micro_batch_size",
@@ -523,6 +545,21 @@ class Config:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.objective == "mlm":
+            if self.model.causal:
+                raise LmforgeError(
+                    "train.objective=mlm needs a bidirectional model: add --model.causal=false"
+                )
+            if self.data.within_document:
+                raise LmforgeError(
+                    "train.objective=mlm cannot use data.within_document (its masks are causal)"
+                )
+        if self.train.nsp and self.data.sampling != "random":
+            raise LmforgeError(
+                "train.nsp=true draws its own sentence pairs: use data.sampling=random"
+            )
 
 
 # ---------------------------------------------------------------- `lmforge prepare`'s tree

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lmforge.common import LmforgeError
 from lmforge.config import ModelConfig
 
 SDPA_HAS_GQA = torch.__version__ >= "2.5"
@@ -415,11 +416,19 @@ class GPT(nn.Module):
 
     def _mask(self, T, S, offset, attention_mask, device) -> torch.Tensor | bool:
         """True = plain causal (SDPA's fast path), False = attend to everything (one-token
-        decode), else a boolean (B or 1, 1, T, S) mask where True means 'may attend'."""
+        decode, or a bidirectional model without padding), else a boolean (B or 1, 1, T, S)
+        mask where True means 'may attend'."""
         if (
             attention_mask is not None and attention_mask.dim() == 4
         ):  # caller-built, e.g. per document
             return attention_mask.bool()
+        if not self.config.causal:  # bidirectional: only padding is hidden
+            if attention_mask is None:
+                return False
+            q_idx = torch.arange(offset, offset + T, device=device)[:, None]  # (T, 1)
+            k_idx = torch.arange(S, device=device)[None, :]  # (1, S)
+            allowed = attention_mask[:, None, :S].bool() | (k_idx == q_idx)  # (B, T, S)
+            return allowed[:, None]  # (B, 1, T, S); an all-padding row still sees itself
         window = self.config.sliding_window
         if attention_mask is None and (window is None or window >= S):
             if offset == 0:
@@ -468,6 +477,11 @@ class GPT(nn.Module):
         keep_last = isinstance(logits_to_keep, int)
         if keep_last and logits_to_keep < 0:
             raise ValueError(f"logits_to_keep={logits_to_keep} must be >= 0 (0 = all positions)")
+        if kv_cache is not None and not self.config.causal:
+            raise LmforgeError(
+                "this model is bidirectional (model.causal=false, a masked-LM encoder): it "
+                "cannot generate with a KV cache; fine-tune it (e.g. lmforge classify) instead"
+            )
         packed = kv_cache is not None and kv_cache.packed  # see KVCache
         if packed and (prefix is not None or position_ids is None):
             raise ValueError("a packed KV cache needs position_ids and takes no prefix")

@@ -1,6 +1,8 @@
 """Heads that read a decoder's hidden states instead of its vocabulary logits: sequence
 classification here (reward and value heads are the same shape), pooled on the last real
-token, the only one that has seen the whole text under causal attention."""
+token, the only one that has seen the whole text under causal attention. A bidirectional
+model (model.causal=false, pretrained with train.objective=mlm) sees the whole text at every
+position, so the same pooling serves it: its checkpoints fine-tune with `lmforge classify`."""
 
 from __future__ import annotations
 

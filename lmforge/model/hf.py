@@ -77,6 +77,8 @@ def family(cfg: ModelConfig) -> str:
     problems = [
         f"{k}={getattr(cfg, k)} (needs {v})" for k, v in want.items() if getattr(cfg, k) != v
     ]
+    if not cfg.causal:
+        problems.append("causal=false (bidirectional attention; needs true)")
     if cfg.sliding_window is not None:
         problems.append(f"sliding_window={cfg.sliding_window} (needs none)")
     if name == "gpt2" and cfg.kv_heads != cfg.n_head:
@@ -236,7 +238,7 @@ def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> Conf
     fields["init_std"] = hf.get("initializer_range", 0.02)
     fields["norm_position"] = "pre"
     fields["sliding_window"] = None
-    fields |= {"qk_norm": False, "logit_softcap": None, "zero_init_proj": False}
+    fields |= {"qk_norm": False, "logit_softcap": None, "zero_init_proj": False, "causal": True}
     return build_config({"model": fields})
 
 

@@ -1,4 +1,5 @@
-"""The pretraining recipe: causal-LM data + next-token loss on the one Trainer.
+"""The pretraining recipe: causal-LM data + next-token loss on the one Trainer, or with
+train.objective=mlm masked-LM data (lmforge/data/mlm.py) + MaskedLMLoss (BERT).
 
 `train(cfg)` builds the run from the config (data, tokenizer, model, loaders), trains,
 evaluates, checkpoints and prints a sample; `lmforge train` (lmforge/cli/train.py) calls it.
@@ -15,12 +16,13 @@ import torch
 from lmforge.common import LmforgeError, print0, seed_everything
 from lmforge.config import Config
 from lmforge.data.loader import RandomWindowLoader, load_pretrain_data
+from lmforge.data.mlm import Masker, MaskingLoader, MLMTokens, SentencePairLoader, mlm_vocab_size
 from lmforge.model.gpt import GPT
 from lmforge.recipes.run import run_folder
 from lmforge.tokenizer import load_tokenizer
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import destroy_distributed, init_distributed
-from lmforge.train.losses import CausalLMLoss
+from lmforge.train.losses import CausalLMLoss, LossFn, MaskedLMLoss
 from lmforge.train.trainer import Trainer
 
 
@@ -39,12 +41,20 @@ def train(
         if resume_ckpt and (resume_ckpt / ckpt.TOKENIZER).is_dir():
             tokenizer = load_tokenizer(resume_ckpt / ckpt.TOKENIZER)
         data = load_pretrain_data(cfg.data, tokenizer)
-        if cfg.model.vocab_size is None:
-            cfg.model.vocab_size = data.tokenizer.vocab_size
-        elif cfg.model.vocab_size < data.tokenizer.vocab_size:
+        mlm = cfg.train.objective == "mlm"
+        if not cfg.model.causal and not mlm:
             raise LmforgeError(
-                f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
-                f"tokenizer's {data.tokenizer.vocab_size}"
+                "model.causal=false needs train.objective=mlm: a bidirectional model would see "
+                "the next tokens it is asked to predict"
+            )
+        vocab = data.tokenizer.vocab_size
+        needed = mlm_vocab_size(vocab) if mlm else vocab
+        if cfg.model.vocab_size is None:
+            cfg.model.vocab_size = needed
+        elif cfg.model.vocab_size < needed:
+            raise LmforgeError(
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                f"{vocab}" + (f" plus the masked LM's reserved ids ({needed})" if mlm else "")
             )
         model = GPT(cfg.model)
         if info.enabled:
@@ -66,6 +76,7 @@ def train(
             for _ in range(t.eval_steps):
                 yield loader.next_step(1)[0]
 
+        loss_fn, eval_loss_fn = _losses(cfg, vocab)
         trainer = Trainer(
             cfg,
             model,
@@ -73,10 +84,10 @@ def train(
             val_batches,
             run_dir,
             info,
-            loss_fn=CausalLMLoss(t.label_smoothing),
-            eval_loss_fn=CausalLMLoss(),
+            loss_fn=loss_fn,
+            eval_loss_fn=eval_loss_fn,
             tokenizer=data.tokenizer,
-            bytes_per_token=data.bytes_per_token,
+            bytes_per_token=None if mlm else data.bytes_per_token,  # MLM loss is not per byte
             on_eval=on_eval,
         )
         if resume_ckpt:
@@ -95,7 +106,32 @@ def train(
         destroy_distributed()
 
 
+def _losses(cfg: Config, tokenizer_vocab: int) -> tuple[LossFn, LossFn]:
+    """(training loss, evaluation loss) of the objective; label smoothing trains only."""
+    smoothing = cfg.train.label_smoothing
+    if cfg.train.objective == "causal":
+        return CausalLMLoss(smoothing), CausalLMLoss()
+    tokens = MLMTokens.after(tokenizer_vocab)
+    nsp_ids = (tokens.is_next, tokens.not_next) if cfg.train.nsp else None
+    return MaskedLMLoss(nsp_ids, smoothing), MaskedLMLoss(nsp_ids)
+
+
 def _loader(cfg: Config, arrays, seed: int, tokenizer, info):
+    """The pretraining windows (masked for objective=mlm), or with train.nsp sentence pairs."""
+    t = cfg.train
+    if t.objective == "causal":
+        return _windows(cfg, arrays, seed, tokenizer, info)
+    if t.nsp:
+        tokens = MLMTokens.after(tokenizer.vocab_size)
+        args = (t.micro_batch_size, seed, tokens, info.rank, info.world_size)
+        inner = SentencePairLoader(arrays, cfg.model.block_size, *args)
+    else:
+        inner = _windows(cfg, arrays, seed, tokenizer, info)
+    masker = Masker.for_tokenizer(tokenizer, t.mask_prob)
+    return MaskingLoader(inner, masker, seed, info.rank, info.world_size)
+
+
+def _windows(cfg: Config, arrays, seed: int, tokenizer, info):
     """data.sampling=random: nanoGPT's random windows; packed: every window once per epoch."""
     t, block = cfg.train, cfg.model.block_size
     if cfg.data.sampling == "packed":
@@ -118,7 +154,7 @@ def _report(cfg: Config, model: GPT, tokenizer, run_dir: Path, result: dict[str,
     """Print a sample from the trained model and where everything was written."""
     from lmforge.engine import Engine, SamplingParams
 
-    if cfg.run.sample_tokens > 0:
+    if cfg.run.sample_tokens > 0 and cfg.model.causal:  # a masked LM does not generate
         prompt = tokenizer.encode("\n") if tokenizer.kind != "hf" else [tokenizer.eot_id or 0]
         params = SamplingParams(
             max_new_tokens=cfg.run.sample_tokens, temperature=0.8, top_k=200, seed=cfg.train.seed
@@ -126,14 +162,24 @@ def _report(cfg: Config, model: GPT, tokenizer, run_dir: Path, result: dict[str,
         ids = Engine(model.eval()).generate([prompt], params)[0]
         print0("\n--- sample ---\n" + tokenizer.decode(ids) + "\n--------------")
     ev = result.get("eval") or {}
-    if ev:
+    if ev and cfg.train.objective == "mlm":
+        nsp = f", NSP accuracy {ev['val_nsp_accuracy']:.1%}" if cfg.train.nsp else ""
+        print0(
+            f"final val_mlm_loss {ev['val_mlm_loss']:.4f}, masked-token accuracy "
+            f"{ev['val_mlm_accuracy']:.1%}{nsp}"
+        )
+    elif ev:
         print0(
             f"final val_loss {ev['val_loss']:.4f} (ppl {ev['val_ppl']:.2f}"
             + (f", bpb {ev['val_bpb']:.4f})" if "val_bpb" in ev else ")")
         )
     where = ckpt.latest_checkpoint(run_dir) or run_dir
+    use = (
+        f"generate:   lmforge generate --checkpoint {run_dir} --prompt 'ROMEO:'"
+        if cfg.model.causal
+        else f"fine-tune:  lmforge classify --base {run_dir} --data FILE"
+    )
     print0(
         f"run folder: {run_dir}  (config.yaml, metrics.jsonl, tensorboard/)\n"
-        f"checkpoint: {where}\n"
-        f"generate:   lmforge generate --checkpoint {run_dir} --prompt 'ROMEO:'"
+        f"checkpoint: {where}\n{use}"
     )

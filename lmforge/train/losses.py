@@ -57,6 +57,52 @@ class CausalLMLoss:
         return loss, {"tokens": batch["input_ids"].numel()}
 
 
+class MaskedLMLoss:
+    """BERT's objective (batches from lmforge/data/mlm.py): cross-entropy on the selected
+    positions only (labels -100 elsewhere), summed; the units are the selected positions, known
+    before the forward. Metrics (per selected position): mlm_loss, mlm_accuracy (the argmax is
+    the hidden token).
+
+    With next-sentence prediction (nsp_ids = the [IS_NEXT] and [NOT_NEXT] ids), the head is those
+    two rows of the output layer at the [CLS] position (position 0), and each selected position
+    also carries its row's NSP cross-entropy: the loss is still a sum over units, so
+    accumulation stays exact, and its per-unit mean is the MLM mean plus the NSP mean over pairs
+    (every full row has as many selected positions; the Masker selects a fixed count). Metrics
+    nsp_loss and nsp_accuracy are weighted the same way. label_smoothing applies to the MLM
+    cross-entropy (training only, as for CausalLMLoss)."""
+
+    def __init__(self, nsp_ids: tuple[int, int] | None = None, label_smoothing: float = 0.0):
+        self.nsp_ids = list(nsp_ids) if nsp_ids else None
+        self.label_smoothing = label_smoothing
+
+    def units(self, batch: Batch) -> torch.Tensor:
+        return (batch["labels"] != -100).sum()
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+        logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # (B, T, V)
+        labels = batch["labels"]  # (B, T)
+        selected = labels != -100
+        picked = logits[selected].float()  # (N, V)
+        targets = labels[selected]  # (N,)
+        loss = F.cross_entropy(
+            picked, targets, label_smoothing=self.label_smoothing, reduction="sum"
+        )
+        metrics: dict[str, Any] = {
+            "tokens": batch["input_ids"].numel(),
+            "mlm_loss": loss.detach(),
+            "mlm_accuracy": (picked.argmax(-1) == targets).sum(),
+        }
+        if self.nsp_ids is not None:
+            nsp_logits = logits[:, 0, self.nsp_ids].float()  # (B, 2)
+            nsp = F.cross_entropy(nsp_logits, batch["nsp_label"], reduction="none")  # (B,)
+            weight = selected.sum(-1)  # (B,) each row's selected positions
+            loss = loss + (nsp * weight).sum()
+            correct = nsp_logits.argmax(-1) == batch["nsp_label"]  # (B,)
+            metrics["nsp_loss"] = (nsp.detach() * weight).sum()
+            metrics["nsp_accuracy"] = (correct * weight).sum()
+        return loss, metrics
+
+
 class ClassificationLoss:
     """Cross-entropy of a sequence classifier (B, C) against batch["label"] (B,), summed over
     examples; metrics["accuracy"] counts the correct ones (logged as the accuracy)."""

@@ -56,6 +56,8 @@ _PRINTED = {
     "val_bpb": ".4f",
     "val_end_rate": ".1%",
     "val_accuracy": ".1%",
+    "val_mlm_accuracy": ".1%",
+    "val_nsp_accuracy": ".1%",
     "val_f1": ".3f",
     "reward": ".3f",
     "kl": ".2f",
