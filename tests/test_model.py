@@ -316,6 +316,12 @@ def test_explicit_causal_attention_matches_sdpa_in_bf16():
     explicit = run(causal_attention, torch.bfloat16)
     for got, want in zip(explicit, reference):
         torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)
+    qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))
+    torch.manual_seed(0)
+    dropped = causal_attention(qb, kb, vb, dropout_p=0.5)  # attention dropout, seeded
+    torch.manual_seed(0)
+    assert torch.equal(dropped, causal_attention(qb, kb, vb, dropout_p=0.5))
+    assert not torch.equal(dropped, causal_attention(qb, kb, vb))
     # k, v with 2 heads serve 4 query heads through `attend` as with SDPA's enable_gqa
     kv2 = [t[:, :2].to(torch.bfloat16) for t in (k, v)]
     qb = q.to(torch.bfloat16).requires_grad_()
@@ -333,11 +339,10 @@ def test_explicit_attention_only_for_short_causal_low_precision_on_cpu():
     def qk(dtype=torch.bfloat16, T=64, S=None):
         return torch.zeros(1, 1, T, 8, dtype=dtype), torch.zeros(1, 1, S or T, 8, dtype=dtype)
 
-    assert explicit_attention_pays(*qk(), True, 0.0)
+    assert explicit_attention_pays(*qk(), True)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 activations, bf16 matmuls
-        assert explicit_attention_pays(*qk(torch.float32), True, 0.0)
-    assert not explicit_attention_pays(*qk(torch.float32), True, 0.0)  # fp32: SDPA, as before
-    assert not explicit_attention_pays(*qk(), True, 0.1)  # attention dropout: SDPA's
-    assert not explicit_attention_pays(*qk(), torch.ones(1, 1, 64, 64, dtype=torch.bool), 0.0)
-    assert not explicit_attention_pays(*qk(T=1, S=64), False, 0.0)  # decoding against a cache
-    assert not explicit_attention_pays(*qk(T=EXPLICIT_ATTENTION_MAX_T + 1), True, 0.0)
+        assert explicit_attention_pays(*qk(torch.float32), True)
+    assert not explicit_attention_pays(*qk(torch.float32), True)  # fp32: SDPA, as before
+    assert not explicit_attention_pays(*qk(), torch.ones(1, 1, 64, 64, dtype=torch.bool))
+    assert not explicit_attention_pays(*qk(T=1, S=64), False)  # decoding against a cache
+    assert not explicit_attention_pays(*qk(T=EXPLICIT_ATTENTION_MAX_T + 1), True)

@@ -116,32 +116,31 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def explicit_attention_pays(
-    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | bool, dropout_p: float
-) -> bool:
+def explicit_attention_pays(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | bool) -> bool:
     """Whether `attend` should use causal_attention rather than SDPA: plain causal attention
-    over T <= EXPLICIT_ATTENTION_MAX_T queries and as many keys, on CPU, in bf16/fp16, without
-    attention dropout."""
+    over T <= EXPLICIT_ATTENTION_MAX_T queries and as many keys, on CPU, in bf16/fp16."""
     return (
         mask is True
-        and dropout_p == 0.0
         and q.device.type == "cpu"
         and compute_dtype(q) in (torch.bfloat16, torch.float16)
         and q.size(-2) == k.size(-2) <= EXPLICIT_ATTENTION_MAX_T
     )
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd) + causal mask) v, written out in the matmuls' precision: q, k, v
-    (B, nh, T, hd) -> (B, nh, T, hd). Scores and probabilities are rounded to bf16/fp16 as flash
-    attention rounds them; PyTorch's softmax kernel sums in fp32."""
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """dropout(softmax(q k^T / sqrt(hd) + causal mask)) v, written out in the matmuls'
+    precision: q, k, v (B, nh, T, hd) -> (B, nh, T, hd). Scores and probabilities are rounded
+    to bf16/fp16 as flash attention rounds them; PyTorch's softmax kernel sums in fp32."""
     B, nh, T, hd = q.shape
     dtype = compute_dtype(q)
     causal = torch.full((T, T), float("-inf"), dtype=dtype, device=q.device).triu(1)  # (T, T)
     scores = torch.baddbmm(  # (B*nh, T, T), the mask added by the matmul itself
         causal.expand(B * nh, T, T), (q * hd**-0.5).flatten(0, 1), k.flatten(0, 1).mT
     )
-    return (scores.softmax(dim=-1) @ v.flatten(0, 1)).view(B, nh, T, hd)
+    probs = F.dropout(scores.softmax(dim=-1), dropout_p)  # dropout_p > 0 only in training
+    return (probs @ v.flatten(0, 1)).view(B, nh, T, hd)
 
 
 def attend(
@@ -151,11 +150,11 @@ def attend(
     (B, nh, T, hd). mask as GPT._mask gives it: True causal, False none, else boolean."""
     gqa = {}
     nh, nkv = q.size(1), k.size(1)
-    if explicit_attention_pays(q, k, mask, dropout_p):
+    if explicit_attention_pays(q, k, mask):
         if nkv != nh:
             k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hd)
             v = v.repeat_interleave(nh // nkv, dim=1)
-        return causal_attention(q, k, v)
+        return causal_attention(q, k, v, dropout_p)
     if nkv != nh:
         if sdpa_gqa(q, mask):
             gqa = {"enable_gqa": True}  # SDPA pairs query head h with kv head h // (nh/nkv)
