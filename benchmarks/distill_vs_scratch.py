@@ -5,10 +5,12 @@ student's plain cross-entropy) and wall time side by side.
 
     python benchmarks/distill_vs_scratch.py --teacher runs/<default job run> --steps 300
     python benchmarks/distill_vs_scratch.py --teacher T --student-preset llama-tiny \\
-        --steps 300 --alpha 0.5 0.9 --temperature 1 2 --model.n_layer=2
+        --steps 300 --alpha 0.5 0.9 --temperature 1 2 --model.n_layer=3
 
 The scratch run is `lmforge train`'s recipe (pretrain.train); each distilled run is
-`lmforge distill`'s at one (alpha, temperature). Runs go to a temporary folder unless --out.
+`lmforge distill`'s at one (alpha, temperature; the config's defaults unless given). The
+default student, llama-tiny, is a 2-layer, d_model 64 Llama-style model (0.11M parameters).
+Runs go to a temporary folder unless --out.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from lmforge.config import DistillConfig
 from lmforge.recipes.distill import distill, distill_config
 from lmforge.recipes.pretrain import train
 
@@ -47,8 +50,9 @@ def main() -> None:
     parser.add_argument("--student-preset", default="llama-tiny", help="the student's preset")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps of each run")
     parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--alpha", type=float, nargs="+", default=[0.5], help="distill.alpha")
-    parser.add_argument("--temperature", type=float, nargs="+", default=[2.0])
+    defaults = DistillConfig()
+    parser.add_argument("--alpha", type=float, nargs="+", default=[defaults.alpha])
+    parser.add_argument("--temperature", type=float, nargs="+", default=[defaults.temperature])
     parser.add_argument("--out", help="keep the run folders here (default: a temporary folder)")
     args, overrides = parser.parse_known_args()  # the rest: --model.n_layer=2, --train.lr=...
 

@@ -541,10 +541,11 @@ class DistillConfig:
     teacher: str = ""
     """The teacher checkpoint (or run folder), `--teacher`; its tokenizer and, unless data.path
     is given, its training data are the student's."""
-    alpha: float = 0.5
+    alpha: float = 0.9
     """Weight of the soft-target term, in [0, 1]; the hard labels' cross-entropy gets 1 - alpha
-    (0 = plain pretraining)."""
-    temperature: float = 2.0
+    (0 = plain pretraining). 0.9 and T = 1 did best of alpha 0.5-0.9, T 1-2 in
+    benchmarks/distill_vs_scratch.py (Shakespeare, llama-tiny student)."""
+    temperature: float = 1.0
     """T > 0 softening both distributions; the soft term is scaled by T^2 so its gradients
     keep their size as T changes."""
 
