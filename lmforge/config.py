@@ -534,6 +534,29 @@ class QuantizeConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation (`lmforge distill`, Hinton et al. 2015): a new student trained
+    on a frozen teacher's softened next-token distributions and on the hard labels."""
+
+    teacher: str = ""
+    """The teacher checkpoint (or run folder), `--teacher`; its tokenizer and, unless data.path
+    is given, its training data are the student's."""
+    alpha: float = 0.9
+    """Weight of the soft-target term, in [0, 1]; the hard labels' cross-entropy gets 1 - alpha
+    (0 = plain pretraining). 0.9 and T = 1 did best of alpha 0.5-0.9, T 1-2 in
+    benchmarks/distill_vs_scratch.py (Shakespeare, llama-tiny student)."""
+    temperature: float = 1.0
+    """T > 0 softening both distributions; the soft term is scaled by T^2 so its gradients
+    keep their size as T changes."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha <= 1:
+            raise LmforgeError(f"distill.alpha={self.alpha} must be in [0, 1]")
+        if not 0 < self.temperature < float("inf"):
+            raise LmforgeError(f"distill.temperature={self.temperature} must be a number > 0")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -545,6 +568,7 @@ class Config:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
         if self.train.objective == "mlm":

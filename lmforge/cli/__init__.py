@@ -21,6 +21,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "reward": ("lmforge.cli.reward", "train a reward model on preference pairs (Bradley-Terry)"),
     "dpo": ("lmforge.cli.dpo", "direct preference optimisation against a frozen reference"),
     "ppo": ("lmforge.cli.ppo", "RL from a reward model: PPO or GRPO on a KL leash"),
+    "distill": ("lmforge.cli.distill", "train a new, smaller student on a teacher's soft targets"),
     "generate": ("lmforge.cli.generate", "generate text from a checkpoint"),
     "chat": ("lmforge.cli.chat", "talk to a checkpoint in the terminal (streaming, history)"),
     "serve": ("lmforge.cli.serve", "an OpenAI-compatible HTTP API with streaming and a chat page"),

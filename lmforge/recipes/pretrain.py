@@ -7,7 +7,7 @@ evaluates, checkpoints and prints a sample; `lmforge train` (lmforge/cli/train.p
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +15,13 @@ import torch
 
 from lmforge.common import LmforgeError, print0, seed_everything
 from lmforge.config import Config
-from lmforge.data.loader import RandomWindowLoader, load_pretrain_data
+from lmforge.data.loader import PretrainData, RandomWindowLoader, load_pretrain_data
 from lmforge.data.mlm import Masker, MaskingLoader, MLMTokens, SentencePairLoader, mlm_vocab_size
 from lmforge.model.gpt import GPT
 from lmforge.recipes.run import run_folder
 from lmforge.tokenizer import load_tokenizer
 from lmforge.train import checkpoint as ckpt
-from lmforge.train.distributed import destroy_distributed, init_distributed
+from lmforge.train.distributed import DistInfo, destroy_distributed, init_distributed
 from lmforge.train.losses import CausalLMLoss, LossFn, MaskedLMLoss
 from lmforge.train.trainer import Trainer
 
@@ -60,22 +60,7 @@ def train(
         if info.enabled:
             torch.manual_seed(cfg.train.seed + info.rank)  # distinct dropout per rank
         run_dir = run_folder(cfg, resume, info)
-        t = cfg.train
-        for split, arrays in (("train", data.train), ("validation", data.val)):
-            if max(len(a) for a in arrays) <= cfg.model.block_size:
-                raise LmforgeError(
-                    f"data too short: the {split} split has {sum(len(a) for a in arrays)} "
-                    f"tokens, fewer than model.block_size+1={cfg.model.block_size + 1}; "
-                    "add data or lower model.block_size"
-                )
-
-        train_loader = _loader(cfg, data.train, t.seed, data.tokenizer, info)
-
-        def val_batches():  # the same eval_steps batches at every evaluation
-            loader = _loader(cfg, data.val, t.seed + 1, data.tokenizer, info)
-            for _ in range(t.eval_steps):
-                yield loader.next_step(1)[0]
-
+        train_loader, val_batches = loaders(cfg, data, info)
         loss_fn, eval_loss_fn = _losses(cfg, vocab)
         trainer = Trainer(
             cfg,
@@ -100,10 +85,32 @@ def train(
         )
         result = trainer.fit()
         if info.is_main:
-            _report(cfg, model, data.tokenizer, run_dir, result)
+            report(cfg, model, data.tokenizer, run_dir, result)
         return result
     finally:
         destroy_distributed()
+
+
+def loaders(
+    cfg: Config, data: PretrainData, info: DistInfo
+) -> tuple[Any, Callable[[], Iterator[dict[str, torch.Tensor]]]]:
+    """(train loader, val_batches) of the pretraining data: val_batches() yields the same
+    train.eval_steps batches at every evaluation. Data shorter than a window is an error."""
+    t = cfg.train
+    for split, arrays in (("train", data.train), ("validation", data.val)):
+        if max(len(a) for a in arrays) <= cfg.model.block_size:
+            raise LmforgeError(
+                f"data too short: the {split} split has {sum(len(a) for a in arrays)} "
+                f"tokens, fewer than model.block_size+1={cfg.model.block_size + 1}; "
+                "add data or lower model.block_size"
+            )
+
+    def val_batches() -> Iterator[dict[str, torch.Tensor]]:
+        loader = _loader(cfg, data.val, t.seed + 1, data.tokenizer, info)
+        for _ in range(t.eval_steps):
+            yield loader.next_step(1)[0]
+
+    return _loader(cfg, data.train, t.seed, data.tokenizer, info), val_batches
 
 
 def _losses(cfg: Config, tokenizer_vocab: int) -> tuple[LossFn, LossFn]:
@@ -150,7 +157,7 @@ def _windows(cfg: Config, arrays, seed: int, tokenizer, info):
     return RandomWindowLoader(arrays, block, t.micro_batch_size, seed, info.rank, info.world_size)
 
 
-def _report(cfg: Config, model: GPT, tokenizer, run_dir: Path, result: dict[str, Any]) -> None:
+def report(cfg: Config, model: GPT, tokenizer, run_dir: Path, result: dict[str, Any]) -> None:
     """Print a sample from the trained model and where everything was written."""
     from lmforge.engine import Engine, SamplingParams
 

@@ -103,6 +103,65 @@ class MaskedLMLoss:
         return loss, metrics
 
 
+def distill_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """(N,) KL(softmax(teacher / T) || softmax(student / T)) of each row of logits (N, V)."""
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, V)
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (N, V)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+class DistillLoss:
+    """Knowledge distillation (Hinton et al. 2015) of a frozen teacher into the model, per
+    target token:
+
+        alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE
+
+    with CE the next-token cross-entropy on the hard labels (label_smoothing applies to it).
+    T^2 keeps the soft term's gradients the size of the hard term's whatever T is. The
+    teacher runs in eval mode without gradients, under the autocast the Trainer opened for
+    the student. Units are target tokens, as for CausalLMLoss, so accumulation stays exact.
+    Metrics (per token): kd_kl (the KL at temperature T) and kd_ce, the two parts."""
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        alpha: float,
+        temperature: float,
+        label_smoothing: float = 0.0,
+    ):
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.alpha, self.temperature = alpha, temperature
+        self.label_smoothing = label_smoothing
+
+    def units(self, batch: Batch) -> torch.Tensor:
+        return (batch["labels"] != -100).sum()
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+        inputs = {
+            "attention_mask": batch.get("attention_mask"),
+            "position_ids": batch.get("position_ids"),
+        }
+        logits = model(batch["input_ids"], **inputs)  # (B, T, V)
+        with torch.no_grad():
+            self.teacher.to(logits.device)
+            teacher_logits = self.teacher(batch["input_ids"], **inputs)  # (B, T, V)
+        labels = batch["labels"]  # (B, T)
+        scored = labels != -100  # (B, T)
+        ce = F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            labels.flatten(),
+            ignore_index=-100,
+            label_smoothing=self.label_smoothing,
+            reduction="sum",
+        )
+        kl = distill_kl(logits[scored], teacher_logits[scored], self.temperature).sum()
+        loss = self.alpha * self.temperature**2 * kl + (1 - self.alpha) * ce
+        metrics = {"tokens": batch["input_ids"].numel(), "kd_kl": kl.detach(), "kd_ce": ce.detach()}
+        return loss, metrics
+
+
 class ClassificationLoss:
     """Cross-entropy of a sequence classifier (B, C) against batch["label"] (B,), summed over
     examples; metrics["accuracy"] counts the correct ones (logged as the accuracy)."""

@@ -61,6 +61,8 @@ _PRINTED = {
     "val_f1": ".3f",
     "reward": ".3f",
     "kl": ".2f",
+    "kd_kl": ".4f",
+    "kd_ce": ".4f",
     "val_reward": ".3f",
     "val_kl": ".2f",
     "lr": ".2e",
