@@ -56,6 +56,10 @@ class ModelConfig:
     """Key/value heads for grouped-query attention; None = n_head (MHA), 1 = multi-query."""
     d_model: int = 128
     """Width of the residual stream."""
+    head_size: int | None = None
+    """Width of each attention head (litgpt's name; `head_dim` reads it); None = d_model //
+    n_head. Set where heads were removed (`lmforge prune --method structured`): the remaining
+    heads keep their width, so n_head * head_size may be less than d_model."""
     ffn_hidden: int | None = None
     """FFN hidden size; None = 4*d_model for GELU and ReLU squared, Llama's 2/3*4*d_model rounded up to 64 for SwiGLU."""
     mlp: str = "gelu"
@@ -96,6 +100,10 @@ class ModelConfig:
     logit_softcap: float | None = None
     """If set, logits = cap * tanh(logits / cap): bounds the head's output (Gemma 2,
     modded-nanogpt)."""
+    low_rank: int | None = None
+    """If set, every Linear in the transformer blocks is two factors in -> r -> out with
+    r = min(low_rank, in, out) (`lmforge prune --method lowrank` writes them from a truncated
+    SVD); None = full Linears."""
 
     def __post_init__(self) -> None:
         _check_choice("model.mlp", self.mlp, ("gelu", "gelu_tanh", "swiglu", "relu2"))
@@ -110,6 +118,8 @@ class ModelConfig:
         _check_positive("model.n_kv_head", self.n_kv_head)
         _check_positive("model.ffn_hidden", self.ffn_hidden)
         _check_positive("model.sliding_window", self.sliding_window)
+        _check_positive("model.head_size", self.head_size)
+        _check_positive("model.low_rank", self.low_rank)
         if self.sliding_window is not None and not self.causal:
             raise LmforgeError(
                 "model.sliding_window needs model.causal=true (its window is of earlier tokens)"
@@ -119,7 +129,7 @@ class ModelConfig:
                 f"model.logit_softcap={self.logit_softcap} must be a finite number > 0 "
                 "(null = no capping)"
             )
-        if self.d_model % self.n_head:
+        if self.head_size is None and self.d_model % self.n_head:
             raise LmforgeError(
                 f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}"
             )
@@ -138,7 +148,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_head
+        return self.head_size or self.d_model // self.n_head
 
     @property
     def ffn_dim(self) -> int:

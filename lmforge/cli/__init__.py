@@ -30,6 +30,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "prepare": ("lmforge.cli.prepare", "raw sources -> cleaned, deduplicated token shards"),
     "tokenizer": ("lmforge.cli.tokenizer", "train a BPE tokenizer (`lmforge tokenizer train`)"),
     "quantize": ("lmforge.cli.quantize", "store and run a checkpoint's weights in int8 or int4"),
+    "prune": ("lmforge.cli.prune", "prune (magnitude, heads/channels) or low-rank a checkpoint"),
     "scaling": ("lmforge.cli.scaling", "fit scaling laws L(N, D) and size compute-optimal runs"),
     "sweep": ("lmforge.cli.sweep", "hyperparameter search (Optuna): trials are runs; resumable"),
     "report": (

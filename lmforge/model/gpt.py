@@ -223,13 +223,23 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
+def block_linear(cfg: ModelConfig, n_in: int, n_out: int) -> nn.Module:
+    """A transformer block's Linear (n_in -> n_out): nn.Linear, or with model.low_rank its two
+    factors n_in -> r -> n_out, r = min(low_rank, n_in, n_out), as an nn.Sequential whose
+    `0.weight` is (r, n_in) and `1.weight` (n_out, r) with the bias, if any, on the second."""
+    if cfg.low_rank is None:
+        return nn.Linear(n_in, n_out, bias=cfg.bias)
+    r = min(cfg.low_rank, n_in, n_out)
+    return nn.Sequential(nn.Linear(n_in, r, bias=False), nn.Linear(r, n_out, bias=cfg.bias))
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
         self.nh, self.nkv, self.hd = cfg.n_head, cfg.kv_heads, cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.qkv = block_linear(cfg, cfg.d_model, (self.nh + 2 * self.nkv) * self.hd)
+        self.proj = block_linear(cfg, self.nh * self.hd, cfg.d_model)
         # QK-norm: RMSNorm of each head's query and key, so that attention logits cannot grow
         # with the weights (a cause of loss spikes at high learning rates); None when off
         self.q_norm = HeadNorm(self.hd, eps=cfg.norm_eps) if cfg.qk_norm else None
@@ -239,7 +249,7 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, mask, kv_cache: KVCache | None, prefix_kv=None) -> torch.Tensor:
         """prefix_kv (2, nkv, P, hd): this layer's Prefix keys/values, put before every row's."""
-        B, T, d = x.shape
+        B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1
         )
@@ -261,7 +271,7 @@ class Attention(nn.Module):
                 pk, pv = prefix_kv.to(k.dtype)[:, None].expand(-1, B, -1, -1, -1)  # (B,nkv,P,hd)
                 k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (B, nkv, P+S, hd)
             y = attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, d)
+        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)  # nh * hd = d unless pruned
         return self.resid_drop(self.proj(y))
 
 
@@ -274,10 +284,10 @@ class MLP(nn.Module):
         self.kind = cfg.mlp
         hidden = cfg.ffn_dim
         if self.kind == "swiglu":
-            self.gate_up = nn.Linear(cfg.d_model, 2 * hidden, bias=cfg.bias)
+            self.gate_up = block_linear(cfg, cfg.d_model, 2 * hidden)
         else:
-            self.fc = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
-        self.proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+            self.fc = block_linear(cfg, cfg.d_model, hidden)
+        self.proj = block_linear(cfg, hidden, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -558,11 +568,12 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
         """Matmul FLOPs per token (PaLM appendix B): 6N + 12·L·d·T for a training step
-        (forward + backward), a third of that for a forward pass. N counts the head."""
+        (forward + backward), a third of that for a forward pass. N counts the head; d is the
+        attention width n_head * head_dim (d_model unless heads were pruned)."""
         cfg = self.config
         T = seq_len or cfg.block_size
         n = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.d_model
-        forward = 2 * n + 2 * 2 * cfg.n_layer * cfg.d_model * T
+        forward = 2 * n + 2 * 2 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
         return 3 * forward if training else forward
 
     def estimate_mfu(

@@ -89,6 +89,12 @@ def family(cfg: ModelConfig) -> str:
         problems.append("qk_norm=true (needs false)")
     if cfg.logit_softcap is not None:
         problems.append(f"logit_softcap={cfg.logit_softcap} (needs none)")
+    if cfg.low_rank is not None:
+        problems.append(f"low_rank={cfg.low_rank} (factored Linears; needs none)")
+    if name == "gpt2" and cfg.n_head * cfg.head_dim != cfg.d_model:
+        problems.append(
+            f"head_dim={cfg.head_dim} with n_head={cfg.n_head} (GPT-2's heads split d_model)"
+        )
     if problems:
         arch = "LlamaForCausalLM" if name == "llama" else "GPT2LMHeadModel"
         raise LmforgeError(
@@ -178,6 +184,7 @@ def _gpt2_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
         "d_model": hf.get("n_embd", 768),
         "n_layer": hf.get("n_layer", 12),
         "n_head": hf.get("n_head", 12),
+        "head_size": None,
         "n_kv_head": None,
         "ffn_hidden": hf.get("n_inner"),
         "norm_eps": hf.get("layer_norm_epsilon", 1e-5),
@@ -198,8 +205,6 @@ def _llama_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
     problems = []
     if hf.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={hf['hidden_act']}")
-    if hf.get("head_dim") not in (None, d // nh):
-        problems.append(f"head_dim={hf['head_dim']} != hidden_size/num_attention_heads")
     bias = hf.get("attention_bias", False)
     if hf.get("mlp_bias", False) != bias:
         problems.append(f"attention_bias={bias} with mlp_bias={hf.get('mlp_bias', False)}")
@@ -216,6 +221,7 @@ def _llama_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
         "d_model": d,
         "n_layer": hf.get("num_hidden_layers", 32),
         "n_head": nh,
+        "head_size": None if hf.get("head_dim") in (None, d // nh) else hf["head_dim"],
         "n_kv_head": hf.get("num_key_value_heads") or nh,
         "ffn_hidden": hf.get("intermediate_size", 11008),
         "norm_eps": hf.get("rms_norm_eps", 1e-6),
@@ -239,6 +245,7 @@ def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> Conf
     fields["norm_position"] = "pre"
     fields["sliding_window"] = None
     fields |= {"qk_norm": False, "logit_softcap": None, "zero_init_proj": False, "causal": True}
+    fields["low_rank"] = None
     return build_config({"model": fields})
 
 

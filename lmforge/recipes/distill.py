@@ -83,10 +83,10 @@ def distill(
         if info.enabled:
             torch.manual_seed(cfg.train.seed + info.rank)  # distinct dropout per rank
         run_dir = run_folder(cfg, resume, info)
-        train_loader, val_batches = loaders(cfg, data, info)
+        train_loader, validation = loaders(cfg, data, info)
         d = cfg.distill
         trainer = Trainer(
-            cfg, model, train_loader, val_batches, run_dir, info,
+            cfg, model, train_loader, validation, run_dir, info,
             loss_fn=DistillLoss(teacher, d.alpha, d.temperature, cfg.train.label_smoothing),
             eval_loss_fn=CausalLMLoss(), tokenizer=tokenizer,
             bytes_per_token=data.bytes_per_token, on_eval=on_eval,

@@ -19,10 +19,10 @@ from lmforge.data.loader import PretrainData, RandomWindowLoader, load_pretrain_
 from lmforge.data.mlm import Masker, MaskingLoader, MLMTokens, SentencePairLoader, mlm_vocab_size
 from lmforge.model.gpt import GPT
 from lmforge.recipes.run import run_folder
-from lmforge.tokenizer import load_tokenizer
+from lmforge.tokenizer import Tokenizer, load_tokenizer
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import DistInfo, destroy_distributed, init_distributed
-from lmforge.train.losses import CausalLMLoss, LossFn, MaskedLMLoss
+from lmforge.train.losses import Batch, CausalLMLoss, LossFn, MaskedLMLoss
 from lmforge.train.trainer import Trainer
 
 
@@ -30,14 +30,17 @@ def train(
     cfg: Config,
     resume: str | Path | None = None,
     on_eval: Callable[[dict[str, Any]], bool] | None = None,
+    start: tuple[GPT, Tokenizer] | None = None,
 ) -> dict[str, Any]:
     """Pretrain per `cfg` (or continue the run folder `resume`). Returns the last metrics.
-    `on_eval` sees each evaluation row and may stop the run (Trainer's docstring)."""
+    `on_eval` sees each evaluation row and may stop the run (Trainer's docstring). `start`
+    (model, tokenizer) trains that model, in place, instead of a fresh one of cfg.model: a
+    pruned model's recovery fine-tune (lmforge/compress/recover.py)."""
     info = init_distributed(cfg.run.device)
     try:
         seed_everything(cfg.train.seed)
         resume_ckpt = ckpt.resolve_checkpoint(resume) if resume else None
-        tokenizer = None
+        tokenizer = start[1] if start else None
         if resume_ckpt and (resume_ckpt / ckpt.TOKENIZER).is_dir():
             tokenizer = load_tokenizer(resume_ckpt / ckpt.TOKENIZER)
         data = load_pretrain_data(cfg.data, tokenizer)
@@ -56,17 +59,17 @@ def train(
                 f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                 f"{vocab}" + (f" plus the masked LM's reserved ids ({needed})" if mlm else "")
             )
-        model = GPT(cfg.model)
+        model = start[0] if start else GPT(cfg.model)
         if info.enabled:
             torch.manual_seed(cfg.train.seed + info.rank)  # distinct dropout per rank
         run_dir = run_folder(cfg, resume, info)
-        train_loader, val_batches = loaders(cfg, data, info)
+        train_loader, validation = loaders(cfg, data, info)
         loss_fn, eval_loss_fn = _losses(cfg, vocab)
         trainer = Trainer(
             cfg,
             model,
             train_loader,
-            val_batches,
+            validation,
             run_dir,
             info,
             loss_fn=loss_fn,
@@ -93,10 +96,9 @@ def train(
 
 def loaders(
     cfg: Config, data: PretrainData, info: DistInfo
-) -> tuple[Any, Callable[[], Iterator[dict[str, torch.Tensor]]]]:
-    """(train loader, val_batches) of the pretraining data: val_batches() yields the same
-    train.eval_steps batches at every evaluation. Data shorter than a window is an error."""
-    t = cfg.train
+) -> tuple[Any, Callable[[], Iterator[Batch]]]:
+    """(train loader, a function giving the validation batches) of the pretraining data. Data
+    shorter than a window is an error."""
     for split, arrays in (("train", data.train), ("validation", data.val)):
         if max(len(a) for a in arrays) <= cfg.model.block_size:
             raise LmforgeError(
@@ -104,13 +106,15 @@ def loaders(
                 f"tokens, fewer than model.block_size+1={cfg.model.block_size + 1}; "
                 "add data or lower model.block_size"
             )
+    train_loader = _loader(cfg, data.train, cfg.train.seed, data.tokenizer, info)
+    return train_loader, lambda: val_batches(cfg, data, info)
 
-    def val_batches() -> Iterator[dict[str, torch.Tensor]]:
-        loader = _loader(cfg, data.val, t.seed + 1, data.tokenizer, info)
-        for _ in range(t.eval_steps):
-            yield loader.next_step(1)[0]
 
-    return _loader(cfg, data.train, t.seed, data.tokenizer, info), val_batches
+def val_batches(cfg: Config, data: PretrainData, info: DistInfo) -> Iterator[Batch]:
+    """The validation batches: the same train.eval_steps batches at every evaluation."""
+    loader = _loader(cfg, data.val, cfg.train.seed + 1, data.tokenizer, info)
+    for _ in range(cfg.train.eval_steps):
+        yield loader.next_step(1)[0]
 
 
 def _losses(cfg: Config, tokenizer_vocab: int) -> tuple[LossFn, LossFn]:
