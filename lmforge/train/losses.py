@@ -41,20 +41,26 @@ class CausalLMLoss:
         return (batch["labels"] != -100).sum()
 
     def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
-        logits = model(
+        loss = self.cross_entropy(self.logits(model, batch), batch["labels"])
+        return loss, {"tokens": batch["input_ids"].numel()}
+
+    @staticmethod
+    def logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+        return model(
             batch["input_ids"],
             attention_mask=batch.get("attention_mask"),
             position_ids=batch.get("position_ids"),
         )  # (B, T, V)
-        labels = batch["labels"]  # (B, T)
-        loss = F.cross_entropy(
+
+    def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed over the target tokens: logits (B, T, V), labels (B, T) -> ()."""
+        return F.cross_entropy(
             logits.flatten(0, 1).float(),
             labels.flatten(),
             ignore_index=-100,
             label_smoothing=self.label_smoothing,
             reduction="sum",
         )
-        return loss, {"tokens": batch["input_ids"].numel()}
 
 
 class MaskedLMLoss:
@@ -112,7 +118,7 @@ def distill_kl(
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
-class DistillLoss:
+class DistillLoss(CausalLMLoss):
     """Knowledge distillation (Hinton et al. 2015) of a frozen teacher into the model, per
     target token:
 
@@ -131,31 +137,18 @@ class DistillLoss:
         temperature: float,
         label_smoothing: float = 0.0,
     ):
+        super().__init__(label_smoothing)
         self.teacher = teacher.eval().requires_grad_(False)
         self.alpha, self.temperature = alpha, temperature
-        self.label_smoothing = label_smoothing
-
-    def units(self, batch: Batch) -> torch.Tensor:
-        return (batch["labels"] != -100).sum()
 
     def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
-        inputs = {
-            "attention_mask": batch.get("attention_mask"),
-            "position_ids": batch.get("position_ids"),
-        }
-        logits = model(batch["input_ids"], **inputs)  # (B, T, V)
+        logits = self.logits(model, batch)  # (B, T, V)
         with torch.no_grad():
             self.teacher.to(logits.device)
-            teacher_logits = self.teacher(batch["input_ids"], **inputs)  # (B, T, V)
+            teacher_logits = self.logits(self.teacher, batch)  # (B, T, V)
         labels = batch["labels"]  # (B, T)
         scored = labels != -100  # (B, T)
-        ce = F.cross_entropy(
-            logits.flatten(0, 1).float(),
-            labels.flatten(),
-            ignore_index=-100,
-            label_smoothing=self.label_smoothing,
-            reduction="sum",
-        )
+        ce = self.cross_entropy(logits, labels)
         kl = distill_kl(logits[scored], teacher_logits[scored], self.temperature).sum()
         loss = self.alpha * self.temperature**2 * kl + (1 - self.alpha) * ce
         metrics = {"tokens": batch["input_ids"].numel(), "kd_kl": kl.detach(), "kd_ce": ce.detach()}
