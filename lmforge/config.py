@@ -78,7 +78,23 @@ class ModelConfig:
     rope_theta: float = 10000.0
     """RoPE base frequency (Llama 3: 500000)."""
     sliding_window: int | None = None
-    """If set, each token attends to at most this many most recent tokens (itself included)."""
+    """If set, each token attends to at most this many most recent tokens (itself included);
+    in a bidirectional model (causal=false), to those at most sliding_window - 1 positions
+    away on either side."""
+    global_tokens: int = 0
+    """Longformer's local + global attention with sliding_window as the local part: the first
+    global_tokens tokens of each sequence (of each document when packed; padding not counted)
+    see, and are seen by, every token the causal or bidirectional rule allows, whatever the
+    window. 0 = none."""
+    attention_backend: str = "auto"
+    """Kernel for masked attention patterns (sliding window, global tokens, padding, packed
+    documents); plain causal attention always takes SDPA's causal path. sdpa: a dense boolean
+    (B, 1, T, S) mask through SDPA. flex: FlexAttention (torch >= 2.5) with a block-sparse
+    BlockMask from the same predicate (lmforge/model/masks.py), compiled by torch.compile (eager
+    flex materialises every score); no attention dropout; on CPU, torch 2.13's flex has no
+    backward, so it evaluates and generates but cannot train. auto = sdpa: on CPU-2 compiled
+    flex was 1.4-3x faster forward-only at 1-2k tokens, but cannot train and compiles per shape;
+    on CUDA it is not yet measured (BENCHMARKS.md, "Efficient attention")."""
     causal: bool = True
     """Causal attention (each token sees those before it); false = bidirectional (every token
     sees every real token; padding stays hidden), for masked-LM encoders (train.objective=mlm).
@@ -118,11 +134,14 @@ class ModelConfig:
         _check_positive("model.n_kv_head", self.n_kv_head)
         _check_positive("model.ffn_hidden", self.ffn_hidden)
         _check_positive("model.sliding_window", self.sliding_window)
+        _check_positive("model.global_tokens", self.global_tokens, allow_zero=True)
+        _check_choice("model.attention_backend", self.attention_backend, ("auto", "sdpa", "flex"))
         _check_positive("model.head_size", self.head_size)
         _check_positive("model.low_rank", self.low_rank)
-        if self.sliding_window is not None and not self.causal:
+        if self.global_tokens and self.sliding_window is None:
             raise LmforgeError(
-                "model.sliding_window needs model.causal=true (its window is of earlier tokens)"
+                f"model.global_tokens={self.global_tokens} needs model.sliding_window (global "
+                "tokens are the exceptions to the window; without one every token is seen)"
             )
         if self.logit_softcap is not None and not 0 < self.logit_softcap < float("inf"):
             raise LmforgeError(

@@ -224,8 +224,9 @@ def test_the_engine_queue_is_bounded_and_a_prompt_must_fit():
         dict(pos_encoding="learned"),
         dict(n_head=4, n_kv_head=2),
         dict(n_head=4, n_kv_head=1, sliding_window=6),
+        dict(n_head=4, n_kv_head=1, sliding_window=4, global_tokens=2),
     ],  # fmt: skip
-    ids=["learned", "rope_gqa", "mqa_sliding_window"],
+    ids=["learned", "rope_gqa", "mqa_sliding_window", "mqa_window_global"],
 )
 def test_prompts_packed_beside_running_decodes_get_what_they_get_alone(variant):
     """Chunked prefill: each request joins while others decode (request i+1 is submitted at

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lmforge.common import LmforgeError
 from lmforge.config import ModelConfig
+from lmforge.model.masks import AttentionPattern, BlockMask, Mask, check_backend, flex_attend
 
 SDPA_HAS_GQA = torch.__version__ >= "2.5"
 """SDPA's enable_gqa (torch >= 2.5) lets nkv key/value heads serve nh query heads without
@@ -91,16 +92,6 @@ class Prefix:
     shift: int = 0
 
 
-def prefix_mask(mask: torch.Tensor | bool, T: int, S: int, P: int, device) -> torch.Tensor | bool:
-    """GPT._mask's answer with P always-visible prefix columns in front: (B or 1, 1, T, P + S),
-    or False (a one-token decode sees everything, the prefix too)."""
-    if mask is False:
-        return mask
-    if mask is True:  # SDPA's is_causal aligns top-left when T != P + S: spell out the causal part
-        mask = torch.ones(T, S, dtype=torch.bool, device=device).tril()[None, None]
-    return torch.cat([mask.new_ones(*mask.shape[:-1], P), mask], dim=-1)
-
-
 EXPLICIT_ATTENTION_MAX_T = 512
 """Longest sequence for which bf16/fp16 attention on CPU is spelled out (causal_attention)
 rather than left to SDPA. PyTorch's CPU flash kernel is slow in low precision, its backward
@@ -144,10 +135,13 @@ def causal_attention(
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | bool, dropout_p=0.0
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask | BlockMask, dropout_p=0.0
 ) -> torch.Tensor:
     """SDPA with nkv <= nh key/value heads: q (B, nh, T, hd), k and v (B, nkv, S, hd) ->
-    (B, nh, T, hd). mask as GPT._mask gives it: True causal, False none, else boolean."""
+    (B, nh, T, hd). mask as GPT._mask gives it: True causal, False none, a boolean tensor, or
+    a FlexAttention BlockMask (model.attention_backend=flex)."""
+    if BlockMask is not None and isinstance(mask, BlockMask):
+        return flex_attend(q, k, v, mask, dropout_p)
     gqa = {}
     nh, nkv = q.size(1), k.size(1)
     if explicit_attention_pays(q, k, mask):
@@ -333,6 +327,7 @@ class GPT(nn.Module):
             raise ValueError(
                 "ModelConfig.vocab_size must be set (it normally comes from the tokenizer)"
             )
+        check_backend(cfg.attention_backend)
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = (
@@ -423,37 +418,23 @@ class GPT(nn.Module):
             return pos[:, offset : offset + T]
         return torch.arange(offset, offset + T, device=device).unsqueeze(0).expand(B, T)
 
-    def _mask(self, T, S, offset, attention_mask, device) -> torch.Tensor | bool:
+    def _mask(
+        self, T, S, offset, attention_mask, document_ids, prefix: int, device
+    ) -> Mask | BlockMask:
         """True = plain causal (SDPA's fast path), False = attend to everything (one-token
-        decode, or a bidirectional model without padding), else a boolean (B or 1, 1, T, S)
-        mask where True means 'may attend'."""
-        if (
-            attention_mask is not None and attention_mask.dim() == 4
-        ):  # caller-built, e.g. per document
-            return attention_mask.bool()
-        if not self.config.causal:  # bidirectional: only padding is hidden
-            if attention_mask is None:
-                return False
-            q_idx = torch.arange(offset, offset + T, device=device)[:, None]  # (T, 1)
-            k_idx = torch.arange(S, device=device)[None, :]  # (1, S)
-            allowed = attention_mask[:, None, :S].bool() | (k_idx == q_idx)  # (B, T, S)
-            return allowed[:, None]  # (B, 1, T, S); an all-padding row still sees itself
-        window = self.config.sliding_window
-        if attention_mask is None and (window is None or window >= S):
-            if offset == 0:
-                return True
-            if T == 1:
-                return False
-        q_idx = torch.arange(offset, offset + T, device=device)[:, None]  # (T, 1)
-        k_idx = torch.arange(S, device=device)[None, :]  # (1, S)
-        allowed = k_idx <= q_idx
-        if window is not None:
-            allowed = allowed & (q_idx - k_idx < window)
-        if attention_mask is not None:
-            allowed = allowed & attention_mask[:, None, :S].bool()  # (B, T, S)
-            allowed = allowed | (k_idx == q_idx)  # pad queries see themselves: no all-masked row
-            return allowed[:, None]  # (B, 1, T, S)
-        return allowed[None, None]  # (1, 1, T, S)
+        decode, or a bidirectional model without padding), else a boolean (B or 1, 1, T, P + S)
+        mask where True means 'may attend', or with model.attention_backend=flex a BlockMask of
+        the same pattern (lmforge/model/masks.py says which keys each query sees)."""
+        if attention_mask is not None and attention_mask.dim() == 4:  # caller-built, as given
+            mask = attention_mask.bool()  # (B or 1, 1, T, S)
+            if prefix:  # the prefix's columns in front, seen by every query
+                mask = torch.cat([mask.new_ones(*mask.shape[:-1], prefix), mask], dim=-1)
+            return mask
+        real = None if attention_mask is None else attention_mask[:, :S].bool()  # (B, S)
+        pattern = AttentionPattern.of(
+            self.config, S, offset=offset, real=real, documents=document_ids, prefix=prefix
+        )
+        return pattern.mask(T, S, self.config.attention_backend, device)
 
     def forward(
         self,
@@ -465,6 +446,7 @@ class GPT(nn.Module):
         prefix: Prefix | None = None,
         inputs_embeds: torch.Tensor | None = None,
         return_hidden: bool = False,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V), or (B, k, V) for the last k positions only
         when logits_to_keep=k > 0 (generation needs just the last one; the head is the
@@ -473,8 +455,10 @@ class GPT(nn.Module):
 
         attention_mask (B, S), 1 for real tokens and 0 for padding, covers the cached
         positions plus the new ones (S = cache length + T). A 4-D boolean (B, 1, T, S) mask is
-        used as given (True = may attend), e.g. causal attention within packed documents. position_ids (B, T) default to
-        counting real tokens, so a left-padded prompt gets the positions it would have alone.
+        used as given (True = may attend; the model's window and global tokens are not added).
+        document_ids (B, S): packed documents (lmforge/data/packing.py), each token attends
+        only within its own id, -1 marking padding. position_ids (B, T) default to counting
+        real tokens, so a left-padded prompt gets the positions it would have alone.
 
         Hooks for PEFT (lmforge/model/peft.py): `prefix` puts learned keys/values before every
         layer's own (see Prefix); `inputs_embeds` (B, T, d) replaces the token embedding of
@@ -516,11 +500,11 @@ class GPT(nn.Module):
             dtype = compute_dtype(x)  # rotate in the matmuls' dtype, as transformers does
             rope = (emb.cos().to(dtype), emb.sin().to(dtype))
         x = self.drop(x)
-        mask = False if packed else self._mask(T, S, offset, attention_mask, device)
-        layer_kv = [None] * len(self.blocks)
-        if prefix is not None:
-            mask = prefix_mask(mask, T, S, prefix.kv.size(-2), device)
-            layer_kv = prefix.kv  # (L, 2, nkv, P, hd)
+        P = prefix.kv.size(-2) if prefix is not None else 0
+        mask = (
+            False if packed else self._mask(T, S, offset, attention_mask, document_ids, P, device)
+        )
+        layer_kv = [None] * len(self.blocks) if prefix is None else prefix.kv  # (L, 2, nkv, P, hd)
         for block, prefix_kv in zip(self.blocks, layer_kv):
             x = block(x, rope, mask, kv_cache, prefix_kv)
         if kv_cache is not None:

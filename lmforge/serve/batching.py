@@ -33,6 +33,7 @@ import torch
 
 from lmforge.engine import SamplingParams, sample_next
 from lmforge.model.gpt import attend
+from lmforge.model.masks import AttentionPattern, Mask
 
 
 class QueueFull(Exception):
@@ -52,7 +53,7 @@ class SlotCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, slots, nkv, block, hd)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # (slots,)
-        self.window = cfg.sliding_window
+        self.config = cfg  # its attention pattern: causal, sliding window, global tokens
         self.decoding, self.prompts = 0, []
         self.columns, self.visible = 0, False
 
@@ -63,13 +64,11 @@ class SlotCache:
         self.decoding, self.prompts = decoding, prompts
         positions = [self.lengths[:decoding], *(torch.arange(P, device=device) for P in prompts)]
         if decoding:  # the decode tokens' keys: `columns` per row, those past its own masked
-            lengths = self.lengths[:decoding, None]  # (n, 1): each row's new position
+            lengths = self.lengths[:decoding]  # (n,): each row's new position
             self.columns = int(lengths.max()) + 1
-            columns = torch.arange(self.columns, device=device)  # (S,)
-            visible = columns <= lengths  # (n, S)
-            if self.window is not None:
-                visible &= lengths - columns < self.window
-            self.visible = False if bool(visible.all()) else visible[:, None, None]
+            pattern = AttentionPattern.of(self.config, self.columns, offset=lengths)
+            visible = pattern.dense(1, self.columns, device)  # (n, 1, 1, S)
+            self.visible = False if bool(visible.all()) else visible
         return torch.cat(positions)[None]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -99,12 +98,10 @@ class SlotCache:
         y = attend(q.transpose(0, 1)[:, :, None], keys[:, :, :S], values[:, :, :S], self.visible)
         return y[:, :, 0].transpose(0, 1)[None]  # (n, nh, 1, hd) -> (1, nh, n, hd)
 
-    def _causal(self, P: int) -> torch.Tensor | bool:
-        if self.window is None or self.window >= P:
-            return True
-        i = torch.arange(P, device=self.lengths.device)
-        back = i[:, None] - i[None, :]  # (P, P): how far each key is behind each query
-        return ((back >= 0) & (back < self.window))[None, None]
+    def _causal(self, P: int) -> Mask:
+        """A prompt of P tokens, causally within itself: True, or (1, 1, P, P) with a window."""
+        pattern = AttentionPattern.of(self.config, P)
+        return pattern.mask(P, P, "sdpa", self.lengths.device)
 
     def advance(self, _: int) -> None:
         """After the forward: running rows one longer, the new ones as long as their prompts."""
