@@ -9,6 +9,7 @@ import torch
 
 from lmforge.common import LmforgeError
 from lmforge.data.packing import BucketBatchSampler, PackedLoader, document_masks, pad_collate
+from lmforge.model.masks import AttentionPattern
 
 EOT = 60_000
 
@@ -83,21 +84,14 @@ def test_document_masks_keep_attention_inside_documents():
     x = torch.tensor([[5, 6, EOT, 7, 8, EOT, 9]])
     m = document_masks(x, EOT)
     assert m["position_ids"].tolist() == [[0, 1, 0, 1, 2, 0, 1]]
-    att = m["attention_mask"][0, 0]
+    assert m["document_ids"].tolist() == [[0, 0, 1, 1, 1, 2, 2]]
+    att = AttentionPattern(documents=m["document_ids"]).dense(7, 7, "cpu")[0, 0]
     assert att.shape == (7, 7) and att.dtype == torch.bool
-    assert att[4].tolist() == [
-        False,
-        False,
-        True,
-        True,
-        True,
-        False,
-        False,
-    ]  # EOT starts its document
+    assert att[4].tolist() == [False, False, True, True, True, False, False]  # EOT starts it
     assert att[1].tolist() == [True, True] + [False] * 5
     loader = PackedLoader(shards(), 16, 2, within_document=True, eot_id=EOT)
     b = loader.next_step()[0]
-    assert b["attention_mask"].shape == (2, 1, 16, 16) and b["position_ids"].shape == (2, 16)
+    assert b["document_ids"].shape == (2, 16) and b["position_ids"].shape == (2, 16)
 
 
 def test_too_little_data_is_a_clear_error():

@@ -3,8 +3,9 @@
 - bucketed: each micro-batch holds examples of similar length (a seeded shuffle, then sorted
   groups), right-padded with labels -100 and an attention mask of 0 on padding.
 - packed: examples are laid end to end into windows of block_size tokens; every example keeps
-  its own positions (restarting at 0) and attends only within itself, through a (B, 1, T, T)
-  mask, so a packed example has exactly the loss it has alone (TRL's packing lost the masks).
+  its own positions (restarting at 0) and attends only within itself, through (B, T)
+  document ids, so a packed example has exactly the loss it has alone (TRL's packing lost the
+  masks).
 
 Like the pretraining loaders, it has `next_step(accum_steps)`, `state_dict` and
 `load_state_dict`; a step's micro-batches are laid out (micro, rank) over one global list, so
@@ -44,7 +45,7 @@ def pack_collate(
     examples: Sequence[Sequence[Any]], block_size: int, pad_id: int
 ) -> dict[str, torch.Tensor]:
     """Rows of examples (each with input_ids and labels) -> a packed batch of (B, T) ids and
-    labels, (B, T) position_ids restarting per example and a (B, 1, T, T) attention mask."""
+    labels, (B, T) position_ids restarting per example and (B, T) document_ids (-1 padding)."""
     B, T = len(examples), block_size
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), -100, dtype=torch.long)

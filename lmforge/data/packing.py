@@ -8,9 +8,10 @@ the trainer can use either. Its position is a count of windows consumed in the c
 which makes resume exact and independent of the world size and accumulation split.
 
 With `within_document=True` each batch also carries `position_ids` (restarting at every
-end-of-text token) and a boolean `attention_mask` (B, 1, T, T): causal and limited to the
-token's own document. The end-of-text token starts the segment it precedes, like a BOS
-token, so no label needs masking: a document's last token still learns to predict its end.
+end-of-text token) and `document_ids` (B, T): the model attends only within a document
+(lmforge/model/masks.py builds the dense mask or FlexAttention's BlockMask from them). The
+end-of-text token starts the segment it precedes, like a BOS token, so no label needs
+masking: a document's last token still learns to predict its end.
 
 `BucketBatchSampler` + `pad_collate` batch variable-length examples (SFT) by similar length,
 padding right to the longest in the batch, with labels -100 on padding.
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from lmforge.common import LmforgeError
+from lmforge.model.masks import run_positions
 
 
 class PackedLoader:
@@ -136,27 +138,16 @@ class PackedLoader:
 
 
 def document_masks(input_ids: torch.Tensor, eot_id: int) -> dict[str, torch.Tensor]:
-    """position_ids (B, T) restarting at each end-of-text token, and a bool attention mask
-    (B, 1, T, T): True where query i may attend key j (j <= i, same document)."""
+    """position_ids (B, T) restarting at each end-of-text token, and document_ids (B, T)
+    counting them: query i may attend key j when j <= i in the same document."""
     return segment_masks(torch.cumsum((input_ids == eot_id).long(), dim=1))
 
 
 def segment_masks(segments: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Segment ids (B, T) -> position_ids (B, T) restarting at each segment's first token and
-    a bool attention mask (B, 1, T, T): True where query i may attend key j (j <= i, same
-    segment). Segment -1 is padding: it attends only to itself (no all-masked row)."""
-    B, T = segments.shape
-    idx = torch.arange(T).expand(B, T)
-    is_start = torch.ones_like(segments, dtype=torch.bool)
-    is_start[:, 1:] = segments[:, 1:] != segments[:, :-1]
-    starts = torch.cummax(
-        torch.where(is_start, idx, 0), dim=1
-    ).values  # (B, T) segment's first index
-    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    pad = segments == -1
-    allowed = same & causal & ~(pad[:, :, None] & ~torch.eye(T, dtype=torch.bool))
-    return {"position_ids": idx - starts, "attention_mask": allowed[:, None]}
+    """Segment ids (B, T) -> position_ids (B, T) restarting at each segment's first token, and
+    the ids as `document_ids` for GPT.forward: each token attends only within its segment.
+    Segment -1 is padding: it attends only to itself (no all-masked row)."""
+    return {"position_ids": run_positions(segments), "document_ids": segments}
 
 
 # ---------------------------------------------------------------- variable-length examples

@@ -201,6 +201,7 @@ class _Prefixed(nn.Module):
         kv_cache: KVCache | None = None,
         logits_to_keep: int = 0,
         return_hidden: bool = False,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return self.model(
             input_ids,
@@ -210,6 +211,7 @@ class _Prefixed(nn.Module):
             logits_to_keep,
             self.prefix(),
             return_hidden=return_hidden,
+            document_ids=document_ids,
         )  # (B, T or k, V or d)
 
     def fold(self) -> None:

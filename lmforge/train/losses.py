@@ -50,6 +50,7 @@ class CausalLMLoss:
             batch["input_ids"],
             attention_mask=batch.get("attention_mask"),
             position_ids=batch.get("position_ids"),
+            document_ids=batch.get("document_ids"),
         )  # (B, T, V)
 
     def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
