@@ -160,12 +160,14 @@ class AttentionPattern:
         raise AssertionError("per_row without a per-row tensor")
 
     def mask(self, T: int, S: int, backend: str, device) -> Mask | BlockMask:
-        """What `attend` takes for this pattern: SDPA's shortcut where one applies, else a
-        BlockMask with backend 'flex' and a dense boolean mask otherwise."""
+        """What `attend` takes for this pattern: SDPA's shortcut where one applies, else with
+        backend 'flex' a BlockMask, and a dense boolean mask otherwise. A one-token decode step
+        takes the dense (B or 1, 1, 1, P + S) row with either backend: one query has no block
+        to skip, and every step's new key length would be another flex compile."""
         shortcut = self.shortcut(T)
         if shortcut is not None:
             return shortcut
-        if backend == "flex":
+        if backend == "flex" and T > 1:
             return self.block_mask(T, S, device)
         return self.dense(T, S, device)
 
@@ -173,10 +175,14 @@ class AttentionPattern:
 @functools.cache
 def compiled_flex() -> Callable:
     """flex_attention under torch.compile. Called eagerly, flex_attention materialises every
-    score and took 5-40x as long as the dense mask on CPU-2 (forward, torch 2.13); compiled,
-    inductor writes a C++ kernel that skips the masked blocks (needs a C++ compiler on CPU)
-    and the first call per shape compiles (seconds). `benchmarks/attention_patterns.py`."""
-    return torch.compile(flex_attention)
+    score and took 5-10x as long as the dense mask on CPU-2 (forward, torch 2.13); compiled,
+    inductor writes a C++ kernel that skips the masked blocks (a C++ compiler is needed on
+    CPU). Static shapes: each new (B, T, S) compiles once (seconds), because torch 2.13's CPU
+    kernel fails to build with dynamic shapes when the mask reads two per-row tensors (e.g.
+    padding and global-token positions). Past dynamo's recompile limit (8 shapes or patterns
+    in one process) flex runs eagerly: still correct, slower. benchmarks/attention_patterns.py
+    has the figures."""
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def flex_attend(
