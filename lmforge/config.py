@@ -93,8 +93,9 @@ class ModelConfig:
     BlockMask from the same predicate (lmforge/model/masks.py), compiled by torch.compile (eager
     flex materialises every score); no attention dropout; on CPU, torch 2.13's flex has no
     backward, so it evaluates and generates but cannot train. auto = sdpa: on CPU-2 compiled
-    flex was 1.4-3x faster forward-only at 1-2k tokens, but cannot train and compiles per shape;
-    on CUDA it is not yet measured (BENCHMARKS.md, "Efficient attention")."""
+    flex's forward was 1.1-3.9x faster than the dense mask at 1-2k tokens (slower at 512), but
+    it cannot train there and compiles per shape; on CUDA it is not yet measured
+    (BENCHMARKS.md, "Efficient attention")."""
     causal: bool = True
     """Causal attention (each token sees those before it); false = bidirectional (every token
     sees every real token; padding stays hidden), for masked-LM encoders (train.objective=mlm).
