@@ -50,7 +50,7 @@ def run_positions(ids: torch.Tensor) -> torch.Tensor:
     return idx - torch.cummax(torch.where(is_start, idx, 0), dim=1).values  # (B, S)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensor fields: compared by identity
 class AttentionPattern:
     """The rule above with its settings; `predicate()` is the one definition, `dense` and
     `block_mask` evaluate it for SDPA and for FlexAttention."""
