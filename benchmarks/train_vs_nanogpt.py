@@ -130,6 +130,7 @@ def main() -> None:
         "lmforge",
         "train",
         "--model.preset=shakespeare-char",
+        "--train.optimizer=adamw",
         f"--train.max_steps={args.iters}",
         f"--train.micro_batch_size={r['batch_size']}",
         f"--train.lr={r['lr']}",

@@ -211,11 +211,15 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    """How to train. The defaults are the default job's recipe (Muon, 2,800 steps of 8 x 256
+    tokens), chosen by measured time to quality on a 2-core CPU (BENCHMARKS.md); post-training
+    verbs put their own defaults on top (lmforge/cli/options.py FINE_TUNING_DEFAULTS)."""
+
     seed: int = 1337
     """Fixes init, data order and dropout: same seed, same run (bitwise on CPU)."""
-    max_steps: int = 1350
+    max_steps: int = 2800
     """Optimizer steps; the LR schedule is laid out over them."""
-    micro_batch_size: int = 32
+    micro_batch_size: int = 8
     """Sequences per forward/backward pass (per process)."""
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step (per process); global batch = micro * accum * world."""
@@ -225,13 +229,13 @@ class TrainConfig:
     """Peak learning rate."""
     min_lr: float = 3e-4
     """Learning rate at the end of the decay."""
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     """Linear warmup steps."""
     schedule: str = "cosine"
     """cosine (warmup + cosine to min_lr), wsd (warmup-stable-decay), inverse_sqrt, constant."""
     decay_fraction: float = 0.2
     """wsd: fraction of max_steps spent in the final linear decay to min_lr."""
-    optimizer: str = "adamw"
+    optimizer: str = "muon"
     """adamw, or muon: Muon (momentum orthogonalised by Newton-Schulz) for the transformer
     blocks' 2-D weight matrices, AdamW (lr, weight_decay, betas) for everything else:
     embeddings, head, norms, biases."""

@@ -54,8 +54,8 @@ def tiny_policy(tok, seed: int = 0) -> GPT:
 def ppo_config(tok, algo: str = "ppo", **ppo):
     return build_config({
         "model": {"preset": "llama-tiny", "vocab_size": tok.vocab_size},
-        "train": {"micro_batch_size": 8, "lr": 1e-2, "min_lr": 1e-2, "schedule": "constant",
-                  "warmup_steps": 0, "weight_decay": 0.0, "log_interval": 1, "eval_interval": 1000,
+        "train": {"optimizer": "adamw", "micro_batch_size": 8, "lr": 1e-2, "min_lr": 1e-2,
+                  "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0, "log_interval": 1, "eval_interval": 1000,
                   "ckpt_interval": 1000, "precision": "fp32"},
         "run": {"tensorboard": False},
         "ppo": {"algo": algo, "rollout_batch": 32, "max_new_tokens": 16, **ppo},

@@ -179,7 +179,7 @@ def test_every_metric_a_loss_returns_is_logged(text_file, tmp_path):
 
 
 def test_adamw_matches_torch_and_the_formula(text_file, tmp_path):
-    cfg = tiny_cfg(text_file, tmp_path, weight_decay=0.1, lr=1e-2)
+    cfg = tiny_cfg(text_file, tmp_path, optimizer="adamw", weight_decay=0.1, lr=1e-2)
     torch.manual_seed(0)
     cfg.model.vocab_size = 65
     ours_model = GPT(cfg.model)

@@ -72,6 +72,7 @@ def resume_config(run_dir: str | Path, overrides: list[str]):
 FINE_TUNING_DEFAULTS = {
     "data": {"sampling": "bucketed"},
     "train": {
+        "optimizer": "adamw",
         "max_steps": 400,
         "micro_batch_size": 16,
         "lr": 3e-4,
@@ -82,8 +83,9 @@ FINE_TUNING_DEFAULTS = {
         "ckpt_interval": 200,
     },
 }
-"""Where post-training differs from pretraining's defaults: a short run at a lower learning
-rate on batches of whole examples, bucketed by length."""
+"""Where post-training differs from pretraining's defaults: a short AdamW run (pretraining's
+Muon is tuned for learning from scratch) at a lower learning rate on batches of whole
+examples, bucketed by length."""
 
 
 def post_training_config(args: argparse.Namespace, overrides: list[str], defaults: dict):

@@ -12,6 +12,7 @@ from lmforge.common import LmforgeError
 PPO_DEFAULTS = {
     "model": {"dropout": 0.0, "drop_path": 0.0},
     "train": {
+        "optimizer": "adamw",
         "max_steps": 200,
         "micro_batch_size": 16,
         "lr": 2e-5,
