@@ -241,7 +241,7 @@ def test_next_sentence_prediction_trains_beside_the_mlm(tmp_path, capsys):
     assert last["val_loss"] == pytest.approx(last["val_mlm_loss"] + last["val_nsp_loss"])
 
 
-def test_classify_starts_from_an_mlm_checkpoint_and_generate_export_refuse_it(tmp_path, capsys):
+def test_classify_starts_from_an_mlm_checkpoint_and_causal_lm_verbs_refuse_it(tmp_path, capsys):
     prefs = json.loads((ROOT / "lmforge" / "assets" / "preferences.json").read_text())[:60]
     data = tmp_path / "prefs.json"
     data.write_text(json.dumps(prefs))
@@ -262,14 +262,20 @@ def test_classify_starts_from_an_mlm_checkpoint_and_generate_export_refuse_it(tm
     assert isinstance(classifier, SequenceClassifier) and not classifier.config.causal
     assert set(classifier.predict([prefs[0]["chosen"]])) <= {"polite", "rude"}
     capsys.readouterr()
+    runs = tmp_path / "refused"
+    run_args = [f"--run.dir={runs}", "--run.tensorboard=false"]
     for verb in (
         ["generate", "--checkpoint", str(base), "--prompt", "Hi", "--max-new-tokens", "3"],
         ["export", "--checkpoint", str(base), "--out", str(tmp_path / "hf")],
+        ["serve", "--checkpoint", str(base)],
+        ["sft", "--base", str(base), "--data", str(data), *run_args],
+        ["dpo", "--base", str(base), "--data", str(data), *run_args],
+        ["ppo", "--policy", str(base), "--reward", str(base), "--prompts", str(data), *run_args],
     ):
-        assert main(verb) == 1
+        assert main(verb) == 1, verb
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and ("bidirectional" in err[0] or "causal=false" in err[0]), err
-    assert not (tmp_path / "hf").exists()
+    assert not (tmp_path / "hf").exists() and not runs.exists()
 
 
 @pytest.mark.parametrize(

@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     from lmforge.common import LmforgeError
     from lmforge.hardware import pick_device
+    from lmforge.model.gpt import require_causal
     from lmforge.serve.api import Limits, Server, create_app
     from lmforge.serve.batching import BatchEngine
     from lmforge.train.checkpoint import load_plain
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(1)  # this thread's ops: the engine's loop thread gets `threads`
     model, tokenizer, _ = load_plain(args.checkpoint, merge=True)
+    require_causal(model.config, "serve generations")
     if tokenizer is None:
         raise LmforgeError(f"{args.checkpoint} has no tokenizer/ folder, so it cannot serve text")
     model = model.to(pick_device(args.device))

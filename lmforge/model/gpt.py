@@ -320,6 +320,16 @@ class Block(nn.Module):
         return self._forward(x, rope, mask, kv_cache, prefix_kv)
 
 
+def require_causal(config: ModelConfig, task: str) -> None:
+    """One clear line where a bidirectional model (model.causal=false, a masked-LM encoder)
+    is asked for what only a causal LM does: generate, or learn from next-token log-probs."""
+    if not config.causal:
+        raise LmforgeError(
+            f"this model is bidirectional (model.causal=false, a masked-LM encoder): it cannot "
+            f"{task}; fine-tune it (e.g. lmforge classify) instead"
+        )
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -470,11 +480,8 @@ class GPT(nn.Module):
         keep_last = isinstance(logits_to_keep, int)
         if keep_last and logits_to_keep < 0:
             raise ValueError(f"logits_to_keep={logits_to_keep} must be >= 0 (0 = all positions)")
-        if kv_cache is not None and not self.config.causal:
-            raise LmforgeError(
-                "this model is bidirectional (model.causal=false, a masked-LM encoder): it "
-                "cannot generate with a KV cache; fine-tune it (e.g. lmforge classify) instead"
-            )
+        if kv_cache is not None:
+            require_causal(self.config, "generate with a KV cache")
         packed = kv_cache is not None and kv_cache.packed  # see KVCache
         if packed and (prefix is not None or position_ids is None):
             raise ValueError("a packed KV cache needs position_ids and takes no prefix")

@@ -112,7 +112,7 @@ def ppo(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     info = init_distributed(cfg.run.device)
     try:
         seed_everything(cfg.train.seed)
-        base, policy, tokenizer = load_base(cfg)
+        base, policy, tokenizer = load_base(cfg, "be a policy that generates (lmforge ppo)")
         reward_model = load_reward_model(cfg.ppo.reward, tokenizer).to(info.device)
         reference = ckpt.load(base, info.device)[0].requires_grad_(False)
         block = policy.config.block_size

@@ -67,7 +67,8 @@ def _fit_pairs(
     info = init_distributed(cfg.run.device)
     try:
         seed_everything(cfg.train.seed)
-        base, base_model, tokenizer = load_base(cfg)
+        causal_task = None if verb == "reward" else "be DPO-trained (lmforge dpo)"
+        base, base_model, tokenizer = load_base(cfg, causal_task)
         block = base_model.config.block_size
         train, val, stats = load_pairs(
             tokenizer, cfg.data.path, cfg.data.val_fraction, cfg.data.val_path, block

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lmforge.common import LmforgeError
 from lmforge.config import Config, ModelConfig
-from lmforge.model.gpt import GPT
+from lmforge.model.gpt import GPT, require_causal
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import DistInfo, broadcast_object
@@ -33,16 +33,21 @@ def run_folder(cfg: Config, resume: str | Path | None, info: DistInfo) -> Path:
     return broadcast_object(new_run_dir(cfg) if info.is_main else None)
 
 
-def load_base(cfg: Config) -> tuple[Path, object, Tokenizer]:
+def load_base(cfg: Config, causal_task: str | None = None) -> tuple[Path, object, Tokenizer]:
     """(checkpoint, model in train mode, tokenizer) of cfg.run.base, which is rewritten as an
-    absolute path: adapter checkpoints find their base by it. Needs --base and --data."""
+    absolute path: adapter checkpoints find their base by it. Needs --base and --data. A verb
+    that learns from next-token log-probabilities names itself in `causal_task`, and a
+    bidirectional base (a masked-LM encoder) is refused before anything loads."""
     if not cfg.run.base:
         raise LmforgeError("no base model: give --base CKPT (a checkpoint or run folder)")
     if not cfg.data.path:
         raise LmforgeError("no data: give --data FILE (json/jsonl records)")
     base = ckpt.resolve_checkpoint(cfg.run.base)
     cfg.run.base = str(base.resolve())
-    check_architecture(cfg.model, ckpt.load_checkpoint_config(base).model, base)
+    base_model = ckpt.load_checkpoint_config(base).model
+    if causal_task:
+        require_causal(base_model, causal_task)
+    check_architecture(cfg.model, base_model, base)
     model, tokenizer = ckpt.load(base)
     if tokenizer is None:
         raise LmforgeError(f"{base} has no tokenizer/, so the data cannot be encoded")

@@ -64,7 +64,7 @@ def sft(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     info = init_distributed(cfg.run.device)
     try:
         seed_everything(cfg.train.seed)
-        base, base_model, tokenizer = load_base(cfg)
+        base, base_model, tokenizer = load_base(cfg, "be instruction-tuned (lmforge sft)")
         model = apply_peft(base_model, cfg.peft)
         trainable, total = trainable_share(model)
         block = model.config.block_size  # P-tuning's virtual tokens take some of it
