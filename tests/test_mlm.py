@@ -231,7 +231,7 @@ def test_a_tiny_mlm_run_learns_and_beats_the_most_frequent_token(text_file, tmp_
 
 def test_next_sentence_prediction_trains_beside_the_mlm(tmp_path, capsys):
     data = tmp_path / "abc.txt"
-    data.write_text(ALPHABET * 800 + "\n")  # the loader encodes "\n\n" even for one document
+    data.write_text(ALPHABET * 800)  # one document without a newline: no separator needed
     args = ("--train.nsp=true", "--model.block_size=16", "--train.micro_batch_size=32")
     args += ("--train.max_steps=400", "--train.eval_interval=400")
     assert _train(data, tmp_path, "nsp", *args) == 0, capsys.readouterr().err

@@ -11,8 +11,9 @@ import pytest
 
 from lmforge.cli import main
 from lmforge.config import DataConfig
-from lmforge.data.loader import load_pretrain_data
+from lmforge.data.loader import encode_documents, load_pretrain_data
 from lmforge.data.shards import read_prepared
+from lmforge.tokenizer import CharTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,3 +70,14 @@ def test_prepared_data_without_validation_is_one_clear_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no validation split" in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_one_document_needs_no_separator_and_several_get_one():
+    one = CharTokenizer.from_text("abcab", with_eot=False)  # no newline in its vocabulary
+    assert encode_documents(one, ["abcab"]).tolist() == one.encode("abcab")
+    blank_line = CharTokenizer.from_text("ab\n", with_eot=False)
+    ids = encode_documents(blank_line, ["ab", "ba"]).tolist()
+    assert ids == blank_line.encode("ab") + blank_line.encode("\n\n") + blank_line.encode("ba")
+    eot = CharTokenizer.from_text("ab", with_eot=True)
+    ids = encode_documents(eot, ["ab", "ba"]).tolist()
+    assert ids == eot.encode("ab") + [eot.eot_id] + eot.encode("ba")

@@ -147,8 +147,10 @@ def encode_documents(tok, docs: list[str]) -> np.ndarray:
     """Documents -> one token stream, an end-of-text id between documents (a blank line
     when the tokenizer has none)."""
     ids: list[int] = []
-    separator = [tok.eot_id] if tok.eot_id is not None else tok.encode("\n\n")
-    for i, doc_ids in enumerate(tok.encode_batch(docs)):
+    encoded = tok.encode_batch(docs)
+    if len(encoded) > 1:  # one document needs no separator (nor a newline in the vocabulary)
+        separator = [tok.eot_id] if tok.eot_id is not None else tok.encode("\n\n")
+    for i, doc_ids in enumerate(encoded):
         if i:
             ids += separator
         ids += doc_ids
