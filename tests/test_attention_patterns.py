@@ -9,6 +9,7 @@ import itertools
 import pytest
 import torch
 
+from lmforge.cli import main
 from lmforge.common import LmforgeError
 from lmforge.config import model_config
 from lmforge.data.packing import document_masks
@@ -247,3 +248,18 @@ def test_bad_attention_settings_are_one_clear_line(settings, message):
     with pytest.raises(LmforgeError, match=message) as err:
         model_config(**BASE, **settings)
     assert "\n" not in str(err.value)
+
+
+def test_a_flex_training_run_on_cpu_stops_before_its_first_evaluation(tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("to be or not to be, that is the question\n" * 50)
+    runs = tmp_path / "runs"
+    argv = [
+        "train", f"--data.path={text}", "--model.preset=tiny", "--model.sliding_window=8",
+        "--model.attention_backend=flex", f"--run.dir={runs}", "--train.max_steps=2",
+    ]  # fmt: skip
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "cannot train on cpu" in err[0], err
+    assert "val_loss" not in captured.out and not runs.exists()

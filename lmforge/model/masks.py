@@ -197,14 +197,21 @@ def flex_attend(
             "model.attention_backend=flex has no attention dropout: set model.dropout=0 or "
             "use model.attention_backend=auto"
         )
-    if q.requires_grad and q.device.type in ("cpu", "mps"):
+    if q.requires_grad:
+        require_flex_backward(q.device.type)
+    gqa = k.size(1) != q.size(1)  # flex pairs query head h with kv head h // (nh/nkv)
+    return compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+
+def require_flex_backward(device_type: str) -> None:
+    """One clear line where FlexAttention cannot be trained through: torch 2.13 has no
+    backward for it on CPU (nor MPS). The Trainer asks before its first step."""
+    if device_type in ("cpu", "mps"):
         raise LmforgeError(
-            f"model.attention_backend=flex cannot train on {q.device.type}: this torch's "
+            f"model.attention_backend=flex cannot train on {device_type}: this torch's "
             "FlexAttention has no backward there; train with model.attention_backend=auto "
             "and use flex to evaluate or generate"
         )
-    gqa = k.size(1) != q.size(1)  # flex pairs query head h with kv head h // (nh/nkv)
-    return compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
 def check_backend(backend: str) -> None:

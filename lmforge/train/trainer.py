@@ -36,6 +36,7 @@ from tqdm import tqdm
 from lmforge.common import LmforgeError
 from lmforge.config import Config, save_config, to_dict
 from lmforge.hardware import autocast_context, device_peak_flops, enable_tf32, pick_precision
+from lmforge.model.masks import require_flex_backward
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import (
     DistInfo,
@@ -108,6 +109,8 @@ class Trainer:
         self.cfg, self.tcfg = cfg, cfg.train
         self.dist = dist_info
         self.device = dist_info.device
+        if cfg.model.attention_backend == "flex":  # fail before the step-0 evaluation
+            require_flex_backward(self.device.type)
         enable_tf32(self.device)
         self.model = model.to(self.device)
         self.train_loader = train_loader
