@@ -12,7 +12,7 @@ import torch
 from lmforge.cli import main
 from lmforge.common import LmforgeError
 from lmforge.config import model_config
-from lmforge.data.packing import document_masks
+from lmforge.data.packing import document_fields
 from lmforge.engine import Engine, SamplingParams
 from lmforge.model.gpt import GPT, KVCache, attend
 from lmforge.model.masks import AttentionPattern
@@ -156,7 +156,7 @@ def test_flex_through_the_model_equals_sdpa_with_padding_and_documents():
     sdpa, flex = (make_model(**settings, attention_backend=b) for b in ("sdpa", "flex"))
     x = random_ids(2, 20)
     real = left_padding(2, 20, [0, 5]).long()
-    docs = document_masks(x % 9, 0)  # position_ids and document_ids
+    docs = document_fields(x % 9, 0)  # position_ids and document_ids
     with torch.no_grad():
         for kwargs in ({"attention_mask": real}, docs):
             torch.testing.assert_close(flex(x, **kwargs), sdpa(x, **kwargs), atol=1e-5, rtol=0)
@@ -229,7 +229,7 @@ def test_settings_that_change_nothing_keep_the_logits_bitwise():
             dict(attention_backend="sdpa"),
         ):
             assert torch.equal(make_model(**settings)(x), want)
-        masks = document_masks(x % 7, 0)
+        masks = document_fields(x % 7, 0)
         docs = masks["document_ids"]
         dense = (docs[:, :, None] == docs[:, None, :]) & torch.ones(16, 16, dtype=torch.bool).tril()
         old = plain(x, attention_mask=dense[:, None], position_ids=masks["position_ids"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lmforge.common import LmforgeError
-from lmforge.data.packing import BucketBatchSampler, PackedLoader, document_masks, pad_collate
+from lmforge.data.packing import BucketBatchSampler, PackedLoader, document_fields, pad_collate
 from lmforge.model.masks import AttentionPattern
 
 EOT = 60_000
@@ -82,7 +82,7 @@ def test_state_dict_resumes_exactly_mid_epoch_and_across_epochs():
 
 def test_document_masks_keep_attention_inside_documents():
     x = torch.tensor([[5, 6, EOT, 7, 8, EOT, 9]])
-    m = document_masks(x, EOT)
+    m = document_fields(x, EOT)
     assert m["position_ids"].tolist() == [[0, 1, 0, 1, 2, 0, 1]]
     assert m["document_ids"].tolist() == [[0, 0, 1, 1, 1, 2, 2]]
     att = AttentionPattern(documents=m["document_ids"]).dense(7, 7, "cpu")[0, 0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lmforge.config import model_config
-from lmforge.data.packing import document_masks
+from lmforge.data.packing import document_fields
 from lmforge.model.gpt import GPT
 
 EOT = 0
@@ -18,7 +18,7 @@ def test_packed_document_logits_equal_the_document_alone():
         first = torch.randint(1, 50, (7,))
         second = torch.cat([torch.tensor([EOT]), torch.randint(1, 50, (9,))])
         packed = torch.cat([first, second])[None]  # (1, 17)
-        masks = document_masks(packed, EOT)
+        masks = document_fields(packed, EOT)
         logits = model(packed, **masks)  # (1, 17, V)
         alone_first = model(first[None])
         alone_second = model(second[None])

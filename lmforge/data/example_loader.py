@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lmforge.common import LmforgeError
-from lmforge.data.packing import BucketBatchSampler, pad_collate, segment_masks
+from lmforge.data.packing import BucketBatchSampler, pad_collate, segment_fields
 
 
 def pack_windows(lengths: Sequence[int], order: Sequence[int], block_size: int) -> list[list[int]]:
@@ -58,7 +58,7 @@ def pack_collate(
             labels[row, start : start + n] = torch.as_tensor(ex.labels)
             segments[row, start : start + n] = seg
             start += n
-    return {"input_ids": ids, "labels": labels, **segment_masks(segments)}
+    return {"input_ids": ids, "labels": labels, **segment_fields(segments)}
 
 
 def pad_examples(examples: Sequence[Any], pad_id: int) -> dict[str, torch.Tensor]:

@@ -86,7 +86,7 @@ class PackedLoader:
         x = torch.from_numpy(rows[:, :-1].copy())  # (B, T)
         batch = {"input_ids": x, "labels": torch.from_numpy(rows[:, 1:].copy())}
         if self.within_document:
-            batch.update(document_masks(x, self.eot_id))
+            batch.update(document_fields(x, self.eot_id))
         return batch
 
     def next_step(self, accum_steps: int = 1) -> list[dict[str, torch.Tensor]]:
@@ -137,13 +137,13 @@ class PackedLoader:
         self._order = self._permutation(self.epoch)
 
 
-def document_masks(input_ids: torch.Tensor, eot_id: int) -> dict[str, torch.Tensor]:
+def document_fields(input_ids: torch.Tensor, eot_id: int) -> dict[str, torch.Tensor]:
     """position_ids (B, T) restarting at each end-of-text token, and document_ids (B, T)
     counting them: query i may attend key j when j <= i in the same document."""
-    return segment_masks(torch.cumsum((input_ids == eot_id).long(), dim=1))
+    return segment_fields(torch.cumsum((input_ids == eot_id).long(), dim=1))
 
 
-def segment_masks(segments: torch.Tensor) -> dict[str, torch.Tensor]:
+def segment_fields(segments: torch.Tensor) -> dict[str, torch.Tensor]:
     """Segment ids (B, T) -> position_ids (B, T) restarting at each segment's first token, and
     the ids as `document_ids` for GPT.forward: each token attends only within its segment.
     Segment -1 is padding: it attends only to itself (no all-masked row)."""

@@ -41,6 +41,7 @@ def reward(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
         "reward",
         lambda base_model: RewardModel(apply_peft(base_model, cfg.peft)),
         lambda: RewardLoss(cfg.reward.margin),
+        causal_task=None,  # a score from the last token: a bidirectional encoder serves too
     )
 
 
@@ -54,6 +55,7 @@ def dpo(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     return _fit_pairs(
         cfg, resume, f"dpo ({cfg.dpo.loss_type}, beta {cfg.dpo.beta})",
         lambda base_model: apply_peft(base_model, cfg.peft), reference_loss,
+        causal_task="be DPO-trained (lmforge dpo)",
     )  # fmt: skip
 
 
@@ -63,11 +65,12 @@ def _fit_pairs(
     verb: str,
     make_model: Callable[[nn.Module], nn.Module],
     make_loss: Callable[[], LossFn],
+    causal_task: str | None,
 ) -> dict[str, Any]:
+    """Train on preference pairs; `causal_task` as load_base takes it (None: any base)."""
     info = init_distributed(cfg.run.device)
     try:
         seed_everything(cfg.train.seed)
-        causal_task = None if verb == "reward" else "be DPO-trained (lmforge dpo)"
         base, base_model, tokenizer = load_base(cfg, causal_task)
         block = base_model.config.block_size
         train, val, stats = load_pairs(
