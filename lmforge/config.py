@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -210,6 +211,60 @@ class DataConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How a torchrun job's processes split the work (lmforge/train/distributed.py builds one
+    DeviceMesh from these, outer to inner: pp, dp_replicate, dp_shard, tp). Their product is
+    the world size; -1 in dp_replicate or dp_shard takes whatever the others leave."""
+
+    dp_replicate: int = -1
+    """Data-parallel replicas (DDP; with dp_shard > 1, HSDP: replicas of sharded groups)."""
+    dp_shard: int = 1
+    """Data-parallel shards (FSDP2, ZeRO-3): parameters, gradients and optimizer states split
+    over these processes."""
+    tp: int = 1
+    """Tensor-parallel degree: each attention and MLP layer split over this many processes."""
+    pp: int = 1
+    """Pipeline stages: the blocks split into this many consecutive groups."""
+    reshard_after_forward: bool = True
+    """FSDP: free the gathered parameters after the forward (ZeRO-3); false keeps them until
+    the backward (ZeRO-2-like: more memory, one all-gather less per step)."""
+    cpu_offload: bool = False
+    """FSDP: keep parameters, gradients and optimizer states in CPU memory between uses
+    (CPUOffloadPolicy); the optimizer steps on the CPU."""
+
+    def __post_init__(self) -> None:
+        for name in ("dp_replicate", "dp_shard"):
+            value = getattr(self, name)
+            if value == 0 or value < -1:
+                raise LmforgeError(f"train.parallel.{name}={value} must be >= 1, or -1 (the rest)")
+        if self.dp_replicate == -1 and self.dp_shard == -1:
+            raise LmforgeError(
+                "train.parallel.dp_replicate and dp_shard are both -1: set one of them"
+            )
+        _check_positive("train.parallel.tp", self.tp)
+        _check_positive("train.parallel.pp", self.pp)
+
+    def sizes(self, world_size: int) -> dict[str, int]:
+        """{pp, dp_replicate, dp_shard, tp} for `world_size` processes, -1 filled in; a layout
+        whose product is not the world size is an error."""
+        fixed = self.pp * self.tp * max(self.dp_replicate, 1) * max(self.dp_shard, 1)
+        rest = world_size // fixed if world_size % fixed == 0 else 0
+        sizes = {"pp": self.pp, "dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard}
+        sizes = {k: rest if v == -1 else v for k, v in (sizes | {"tp": self.tp}).items()}
+        if math.prod(sizes.values()) != world_size:
+            asked = dict(
+                pp=self.pp, dp_replicate=self.dp_replicate, dp_shard=self.dp_shard, tp=self.tp
+            )
+            layout = ", ".join(f"{k}={v}" for k, v in asked.items() if v != 1)
+            raise LmforgeError(
+                f"train.parallel ({layout}) does not multiply to the world size {world_size}: "
+                "the product of pp, dp_replicate, dp_shard and tp must equal torchrun's "
+                "--nproc-per-node x --nnodes (-1 takes the rest)"
+            )
+        return sizes
+
+
+@dataclass
 class TrainConfig:
     """How to train. The defaults are the default job's recipe (Muon, 2,800 steps of 8 x 256
     tokens), chosen by measured time to quality on a 2-core CPU (BENCHMARKS.md); post-training
@@ -294,6 +349,8 @@ class TrainConfig:
     no limit (`lmforge train` with no arguments, the default job, sets 5)."""
     max_bad_steps: int = 5
     """Consecutive non-finite losses or gradients after which the run stops."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """How torchrun's processes split the work: data, sharded, tensor and pipeline parallel."""
 
     def __post_init__(self) -> None:
         _check_choice(
