@@ -55,7 +55,7 @@ def macro_f1(matrix: torch.Tensor) -> float:
 
 def classify(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     """Train a classifier on cfg.run.base (or continue the run folder `resume`)."""
-    info = init_distributed(cfg.run.device)
+    info = init_distributed(cfg.run.device, cfg.train.parallel, "lmforge classify")
     try:
         seed_everything(cfg.train.seed)
         base, base_model, tokenizer = load_base(cfg)
@@ -76,7 +76,7 @@ def classify(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
         trainable, total = trainable_share(model)
         t = cfg.train
         pad_id = tokenizer.pad_id or 0
-        loader_args = (t.micro_batch_size, block, pad_id, t.seed, info.rank, info.world_size)
+        loader_args = (t.micro_batch_size, block, pad_id, t.seed, info.dp_rank, info.dp_size)
         train_loader = ExampleLoader(train_ex, *loader_args, pad=pad_labelled)
         val_loader = ExampleLoader(val_ex, *loader_args, pad=pad_labelled)
 

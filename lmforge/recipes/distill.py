@@ -58,7 +58,7 @@ def distill(
 ) -> dict[str, Any]:
     """Distil cfg.distill.teacher into a new model per cfg.model (or continue the run folder
     `resume`). Returns the last metrics, as pretrain.train does."""
-    info = init_distributed(cfg.run.device)
+    info = init_distributed(cfg.run.device, cfg.train.parallel)
     try:
         if not cfg.distill.teacher:
             raise LmforgeError("no teacher: give --teacher CKPT (a checkpoint or run folder)")
@@ -98,9 +98,11 @@ def distill(
             f"distill {run_dir}: student {_millions(model)} parameters ({cfg.model.preset}), "
             f"teacher {_millions(teacher)} ({teacher_dir}); "
             f"alpha {d.alpha}, temperature {d.temperature}; device {info.device}, "
-            f"precision {trainer.precision}, world size {info.world_size}"
+            f"precision {trainer.precision}, world size {info.layout}"
         )
         result = trainer.fit()
+        if info.sharded:  # the sample runs on rank 0 alone: a plain copy of the weights
+            model = ckpt.gather_model(model, cfg)
         if info.is_main:
             report(cfg, model, tokenizer, run_dir, result)
         return result

@@ -109,7 +109,7 @@ def check_settings(cfg: Config) -> None:
 def ppo(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     """PPO or GRPO (cfg.ppo.algo) on cfg.run.base's policy (or continue the run `resume`)."""
     check_settings(cfg)
-    info = init_distributed(cfg.run.device)
+    info = init_distributed(cfg.run.device, cfg.train.parallel, "lmforge ppo")
     try:
         seed_everything(cfg.train.seed)
         base, policy, tokenizer = load_base(cfg, "be a policy that generates (lmforge ppo)")
@@ -129,7 +129,7 @@ def ppo(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
         reward_fn = reward_model_fn(reward_model, tokenizer, t.micro_batch_size)
         loader = RolloutLoader(
             model, reference, reward_fn, train, p, t.micro_batch_size, t.grad_accum_steps,
-            end_id, pad_id, t.seed, info.rank, info.world_size,
+            end_id, pad_id, t.seed, info.dp_rank, info.dp_size,
         )  # fmt: skip
         loss = PPOLoss(
             p.clip, p.value_clip, p.vf_coef, p.entropy_coef,

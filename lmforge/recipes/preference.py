@@ -68,7 +68,7 @@ def _fit_pairs(
     causal_task: str | None,
 ) -> dict[str, Any]:
     """Train on preference pairs; `causal_task` as load_base takes it (None: any base)."""
-    info = init_distributed(cfg.run.device)
+    info = init_distributed(cfg.run.device, cfg.train.parallel, f"lmforge {verb.split()[0]}")
     try:
         seed_everything(cfg.train.seed)
         base, base_model, tokenizer = load_base(cfg, causal_task)
@@ -80,7 +80,7 @@ def _fit_pairs(
         trainable, total = trainable_share(model)
         t = cfg.train
         pad_id = tokenizer.pad_id or 0
-        loader_args = (t.micro_batch_size, block, pad_id, t.seed, info.rank, info.world_size)
+        loader_args = (t.micro_batch_size, block, pad_id, t.seed, info.dp_rank, info.dp_size)
         train_loader = ExampleLoader(train, *loader_args, pad=pad_pairs)
         val_loader = ExampleLoader(val, *loader_args, pad=pad_pairs)
         run_dir = run_folder(cfg, resume, info)

@@ -36,7 +36,7 @@ def train(
     `on_eval` sees each evaluation row and may stop the run (Trainer's docstring). `start`
     (model, tokenizer) trains that model, in place, instead of a fresh one of cfg.model: a
     pruned model's recovery fine-tune (lmforge/compress/recover.py)."""
-    info = init_distributed(cfg.run.device)
+    info = init_distributed(cfg.run.device, cfg.train.parallel)
     try:
         seed_everything(cfg.train.seed)
         resume_ckpt = ckpt.resolve_checkpoint(resume) if resume else None
@@ -84,9 +84,11 @@ def train(
         n_params = model.num_params()
         print0(
             f"run {run_dir}: {n_params / 1e6:.2f}M parameters, device {info.device}, "
-            f"precision {trainer.precision}, world size {info.world_size}"
+            f"precision {trainer.precision}, world size {info.layout}"
         )
         result = trainer.fit()
+        if info.sharded:  # the sample runs on rank 0 alone: a plain copy of the weights
+            model = ckpt.gather_model(model, cfg)
         if info.is_main:
             report(cfg, model, data.tokenizer, run_dir, result)
         return result
@@ -134,12 +136,12 @@ def _loader(cfg: Config, arrays, seed: int, tokenizer, info):
         return _windows(cfg, arrays, seed, tokenizer, info)
     if t.nsp:
         tokens = MLMTokens.after(tokenizer.vocab_size)
-        args = (t.micro_batch_size, seed, tokens, info.rank, info.world_size)
+        args = (t.micro_batch_size, seed, tokens, info.dp_rank, info.dp_size)
         inner = SentencePairLoader(arrays, cfg.model.block_size, *args)
     else:
         inner = _windows(cfg, arrays, seed, tokenizer, info)
     masker = Masker.for_tokenizer(tokenizer, t.mask_prob)
-    return MaskingLoader(inner, masker, seed, info.rank, info.world_size)
+    return MaskingLoader(inner, masker, seed, info.dp_rank, info.dp_size)
 
 
 def _windows(cfg: Config, arrays, seed: int, tokenizer, info):
@@ -153,12 +155,12 @@ def _windows(cfg: Config, arrays, seed: int, tokenizer, info):
             block,
             t.micro_batch_size,
             seed,
-            info.rank,
-            info.world_size,
+            info.dp_rank,
+            info.dp_size,
             within_document=cfg.data.within_document,
             eot_id=tokenizer.eot_id,
         )
-    return RandomWindowLoader(arrays, block, t.micro_batch_size, seed, info.rank, info.world_size)
+    return RandomWindowLoader(arrays, block, t.micro_batch_size, seed, info.dp_rank, info.dp_size)
 
 
 def report(cfg: Config, model: GPT, tokenizer, run_dir: Path, result: dict[str, Any]) -> None:

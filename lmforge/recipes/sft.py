@@ -61,7 +61,7 @@ def answer(
 
 def sft(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     """Fine-tune `cfg.run.base` on `cfg.data.path` (or continue the run folder `resume`)."""
-    info = init_distributed(cfg.run.device)
+    info = init_distributed(cfg.run.device, cfg.train.parallel, "lmforge sft")
     try:
         seed_everything(cfg.train.seed)
         base, base_model, tokenizer = load_base(cfg, "be instruction-tuned (lmforge sft)")
@@ -75,10 +75,10 @@ def sft(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
         pad_id = tokenizer.pad_id or 0
         packed = cfg.data.sampling == "packed"
         train_loader = ExampleLoader(
-            train_ex, t.micro_batch_size, block, pad_id, t.seed, info.rank, info.world_size, packed
+            train_ex, t.micro_batch_size, block, pad_id, t.seed, info.dp_rank, info.dp_size, packed
         )
         val_loader = ExampleLoader(
-            val_ex, t.micro_batch_size, block, pad_id, t.seed, info.rank, info.world_size
+            val_ex, t.micro_batch_size, block, pad_id, t.seed, info.dp_rank, info.dp_size
         )
         probe = [e.messages[:-1] for e in val_ex[: t.eval_generations]]  # up to the answer
 

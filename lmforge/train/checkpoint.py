@@ -4,18 +4,31 @@ A checkpoint folder holds `model.safetensors` + `config.yaml` + `tokenizer/` (en
 the model anywhere) and, for resuming, `trainer_state.pt` (optimizer, scheduler, RNG, data
 position, step). A folder is written under a temporary name, fsynced, then renamed, so a
 crash mid-save leaves the previous checkpoint intact and never a folder that looks complete.
+
+A sharded run (FSDP) writes the same folder, its model.safetensors gathered on rank 0, and in
+`sharded/` its model and optimizer states as torch.distributed.checkpoint (DCP) wrote them,
+one file per rank, keyed by parameter name. Resume reads `sharded/` into whatever layout the
+resumed run has (4 ranks -> 2 -> 1 process): DCP reshards on load.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
 from lmforge.common import LmforgeError
 from lmforge.config import Config, build_config, save_config
@@ -39,6 +52,8 @@ VALUE_HEAD = "value_head.safetensors"
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer"
 TRAINER_STATE = "trainer_state.pt"
+SHARDED = "sharded"
+"""Sharded runs: model and optimizer states in DCP's format, what resume at any layout needs."""
 LATEST = "latest"
 
 
@@ -48,12 +63,15 @@ def save_checkpoint(
     cfg: Config,
     tokenizer: Tokenizer | None,
     trainer_state: dict[str, Any] | None = None,
+    sharded_state: Path | None = None,
 ) -> Path:
     """Write a checkpoint folder atomically; an existing folder of the same name is replaced
     only after the new one is complete on disk. With a PEFT method (cfg.peft) only the adapter
     is written (adapter.safetensors + adapter.yaml naming the base, cfg.run.base, by its
     weights' sha256) and, for resume, the trainable parameters as they train. A PPO
-    ActorCritic is saved as its policy, with its value head in value_head.safetensors."""
+    ActorCritic is saved as its policy, with its value head in value_head.safetensors.
+    `sharded_state`, a folder save_sharded_state wrote, moves into the checkpoint as
+    sharded/."""
     folder = Path(folder)
     with atomic_folder(folder) as tmp:
         if isinstance(model, ActorCritic):
@@ -76,7 +94,72 @@ def save_checkpoint(
             tokenizer.save(tmp / TOKENIZER)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)
+        if sharded_state is not None:
+            shutil.move(sharded_state, tmp / SHARDED)
     return folder
+
+
+def save_sharded_state(folder: Path, model: torch.nn.Module, optimizers: list) -> None:
+    """All ranks: write the model's and optimizers' states, as sharded as they are, into
+    `folder` (DCP: one file per rank and a metadata file, keys by parameter name)."""
+    model_state, optim_state = get_state_dict(model, optimizers)
+    dcp.save({"model": model_state, "optimizers": optim_state}, checkpoint_id=folder)
+
+
+def load_sharded_state(folder: Path, model: torch.nn.Module, optimizers: list) -> None:
+    """Read a checkpoint's sharded/ states into `model` and `optimizers`, resharded to their
+    layout (any world size, or one process without a process group)."""
+    model_state, optim_state = get_state_dict(model, optimizers)  # the layout to fill
+    state = {"model": model_state, "optimizers": optim_state}
+    dcp.load(state, checkpoint_id=folder / SHARDED, no_dist=not torch.distributed.is_initialized())
+    set_state_dict(
+        model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optimizers"]
+    )
+
+
+def load_full_into_sharded(
+    folder: Path, model: torch.nn.Module, optimizers: list, saved_optimizers: list[dict]
+) -> None:
+    """An unsharded checkpoint (one process or DDP) into a sharded run: the full weights and
+    the optimizers' states as torch saved them (keyed by position), re-keyed by parameter
+    name and cut into this rank's shards. The optimizers must list their parameters in the
+    order of the run that saved them (build_optimizers does, from named_parameters)."""
+    with torch.device("meta"):
+        plain = GPT(model.config)
+    plain.assign_weights(load_file(str(folder / WEIGHTS)))  # both names of a tied weight
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_name: dict[str, Any] = {"state": {}, "param_groups": []}
+    for opt, saved in zip(optimizers, saved_optimizers):
+        fqns = [names[id(p)] for group in opt.param_groups for p in group["params"]]
+        by_name["state"] |= {fqns[i]: state for i, state in saved["state"].items()}
+        for group in saved["param_groups"]:
+            by_name["param_groups"].append(group | {"params": [fqns[i] for i in group["params"]]})
+    set_state_dict(
+        model,
+        optimizers,
+        model_state_dict=plain.state_dict(),
+        optim_state_dict=by_name,
+        options=StateDictOptions(full_state_dict=True),
+    )
+
+
+def gather_model(model: torch.nn.Module, cfg: Config) -> GPT | None:
+    """All ranks: a sharded GPT's full weights as a plain GPT in CPU memory on rank 0 (None
+    on the others), which every single-process tool can save, load and run."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    if not state:  # full_state_dict with cpu_offload fills rank 0's only
+        return None
+    # A gathered tensor may be a view of a larger buffer; safetensors saves whole storages.
+    state = {
+        name: t if t.untyped_storage().nbytes() == t.nbytes else t.clone()
+        for name, t in state.items()
+    }
+    with torch.device("meta"):
+        plain = GPT(cfg.model)
+    missing, unexpected = plain.assign_weights(state)
+    assert not missing and not unexpected, (missing, unexpected)
+    return plain.eval()
 
 
 def is_checkpoint(folder: str | Path) -> bool:

@@ -1,18 +1,34 @@
 """torch.distributed set-up from torchrun's environment, and the wrappers applied to a model
-from outside, in torchtitan's order: activation checkpointing, compile, then DDP."""
+from outside, in torchtitan's order: activation checkpointing, compile, then FSDP2 or DDP.
+
+One DeviceMesh holds the layout train.parallel asks for (outer to inner: pp, dp_replicate,
+dp_shard, tp). The data-parallel ranks (dp_replicate x dp_shard) read different data; the
+loaders and the gradient scale use their rank and size, not the global ones.
+
+FSDP2 (`fully_shard`, ZeRO-3) shards each block and then the root over dp_shard (HSDP over
+dp_replicate x dp_shard when both are > 1); its parameters become DTensors, which the
+optimizers (lmforge/train/muon.py included), gradient clipping and the sharded checkpoints
+(lmforge/train/checkpoint.py) handle.
+"""
 
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from lmforge.common import LmforgeError
 from lmforge.hardware import pick_device
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
 
 @dataclass
@@ -20,6 +36,14 @@ class DistInfo:
     rank: int
     world_size: int
     device: torch.device
+    dp_rank: int = 0
+    """This process's place among the data-parallel ranks: which share of each batch it reads."""
+    dp_size: int = 1
+    """Data-parallel ranks (dp_replicate x dp_shard): the global batch is split over these."""
+    sizes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MESH_DIMS, 1))
+    """The layout: pp, dp_replicate, dp_shard, tp (their product is world_size)."""
+    mesh: DeviceMesh | None = None
+    """One mesh over all ranks with the dimensions MESH_DIMS; None in a single process."""
 
     @property
     def is_main(self) -> bool:
@@ -29,18 +53,63 @@ class DistInfo:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def layout(self) -> str:
+        """The world size and, beyond plain data parallel, how it splits: '4 (dp_shard 4)'."""
+        split = [f"{k} {v}" for k, v in self.sizes.items() if v > 1 and k != "dp_replicate"]
+        if split and self.sizes["dp_replicate"] > 1:
+            split.insert(0, f"dp_replicate {self.sizes['dp_replicate']}")
+        return f"{self.world_size} ({' x '.join(split)})" if split else str(self.world_size)
 
-def init_distributed(device_request: str = "auto") -> DistInfo:
-    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); a plain
-    single-process run needs no group."""
+    @property
+    def sharded(self) -> bool:
+        """Parameters are DTensors split over ranks (FSDP): saving and loading gather or
+        reshard them, and no rank can run the model alone."""
+        return self.sizes["dp_shard"] > 1
+
+
+def init_distributed(
+    device_request: str = "auto", parallel=None, unsharded_verb: str = ""
+) -> DistInfo:
+    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA) and build the
+    mesh of the layout `parallel` (a ParallelConfig; None = plain data parallel) asks for; a
+    plain single-process run needs neither. A layout that does not fit the world size is an
+    error before any process group is made; so is sharding for a verb that names itself in
+    `unsharded_verb` (its generation and sampling run the model on one rank alone)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if parallel is None:
+        sizes = dict(pp=1, dp_replicate=world_size, dp_shard=1, tp=1)
+    else:
+        sizes = parallel.sizes(world_size)
+    if unsharded_verb and sizes["dp_shard"] > 1:
+        raise LmforgeError(
+            f"train.parallel.dp_shard={sizes['dp_shard']}: {unsharded_verb} does not shard; "
+            "use data parallel (dp_replicate) for it"
+        )
+    for name in ("tp", "pp"):
+        if sizes[name] > 1:
+            raise LmforgeError(
+                f"train.parallel.{name}={sizes[name]}: this build trains with data and sharded "
+                "data parallel only (dp_replicate, dp_shard); set it to 1"
+            )
     device = pick_device(device_request)
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return DistInfo(rank=rank, world_size=world_size, device=device)
+    info = DistInfo(rank=rank, world_size=world_size, device=device, sizes=sizes)
+    if world_size > 1:
+        info.mesh = init_device_mesh(
+            device.type, tuple(sizes[d] for d in MESH_DIMS), mesh_dim_names=MESH_DIMS
+        )
+        replica, shard = (
+            info.mesh.get_local_rank("dp_replicate"),
+            info.mesh.get_local_rank("dp_shard"),
+        )
+        info.dp_rank = replica * sizes["dp_shard"] + shard
+        info.dp_size = sizes["dp_replicate"] * sizes["dp_shard"]
+    return info
 
 
 def destroy_distributed() -> None:
@@ -48,24 +117,76 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def parallelize(model: nn.Module, train_cfg, info: DistInfo) -> nn.Module:
-    """The module the training step calls: `model` itself, checkpointed/compiled/DDP-wrapped
-    as configured. Parameters stay shared with `model`, which is what gets saved."""
+def parallelize(model: nn.Module, train_cfg, info: DistInfo, precision: str = "fp32") -> nn.Module:
+    """The module the training step calls: `model` itself, checkpointed/compiled and then
+    sharded (FSDP2, in place: `model`'s parameters become DTensors) or DDP-wrapped, as
+    configured. Parameters stay shared with `model`, which is what gets saved."""
     if train_cfg.activation_checkpointing:
         model.set_activation_checkpointing(True)
     wrapped = torch.compile(model) if train_cfg.compile else model
-    if info.enabled:
+    if info.sharded:
+        shard_model(model, info, train_cfg.parallel, precision)
+    elif info.enabled:
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         wrapped = DistributedDataParallel(wrapped, device_ids=device_ids)
     return wrapped
 
 
+def shard_model(model: nn.Module, info: DistInfo, parallel, precision: str) -> None:
+    """FSDP2: each transformer block is one unit (its parameters gathered for its forward and
+    backward only), then the root takes what is left (embeddings, final norm, head). On a
+    GPU, bf16 runs keep bf16 parameters for compute and reduce gradients in fp32; on a CPU
+    autocast does the casting. cpu_offload keeps the shards in host memory."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise LmforgeError(
+            f"train.parallel.dp_shard > 1 shards a GPT's blocks; {type(model).__name__} has none"
+        )
+    mesh = (
+        info.mesh["dp_replicate", "dp_shard"]
+        if info.sizes["dp_replicate"] > 1
+        else info.mesh["dp_shard"]
+    )
+    options: dict = {"mesh": mesh}
+    if info.device.type == "cuda" and precision == "bf16":
+        options["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
+    if parallel.cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=info.device.type == "cuda")
+    for block in blocks:
+        fully_shard(block, reshard_after_forward=parallel.reshard_after_forward, **options)
+    fully_shard(model, **options)  # the root's parameters are needed again first in backward
+
+
 def no_sync(module: nn.Module, skip: bool):
-    """DDP's no_sync while accumulating (skip=True): gradients are all-reduced only on the
-    last micro-batch of a step."""
+    """While accumulating (skip=True), gradients stay local: DDP's no_sync, or FSDP2 holding
+    its reduce-scatter; they are reduced once, on the last micro-batch of a step."""
     if skip and isinstance(module, DistributedDataParallel):
         return module.no_sync()
+    if skip and isinstance(module, FSDPModule):
+        return _fsdp_no_sync(module)
     return nullcontext()
+
+
+@contextmanager
+def _fsdp_no_sync(module: FSDPModule):
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
+
+
+def local_value(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of a value that may be a DTensor (e.g. the global gradient norm over
+    sharded gradients): its full value, the same on every rank."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

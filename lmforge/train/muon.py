@@ -7,6 +7,12 @@ with one change: torch's runs the Newton-Schulz matmuls in bf16 always. On a CPU
 native bf16 those are many times slower than fp32 (see hardware.pick_precision), so here they
 run in `ns_dtype`: the run's own matmul precision. With ns_dtype=torch.bfloat16 the update is
 torch's exactly (tests/test_train.py checks both).
+
+Under FSDP2 a parameter is a DTensor holding one shard of rows per rank. The momentum stays
+sharded (element-wise), but an orthogonalisation needs the whole matrix: each rank gathers
+the Nesterov update, orthogonalises it and keeps its own shard of the result. Every rank
+repeats the same small matmuls, which for the sizes FSDP runs here costs less than
+scattering the work would save.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -67,12 +74,20 @@ class Muon(torch.optim.Optimizer):
                     state["momentum_buffer"] = torch.zeros_like(p)
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mu)
-                by_shape.setdefault(p.shape, []).append((p, p.grad.lerp(buf, mu)))  # Nesterov
+                nesterov = p.grad.lerp(buf, mu)
+                if isinstance(nesterov, DTensor):
+                    nesterov = nesterov.full_tensor()  # (rows, cols) on every rank
+                by_shape.setdefault(p.shape, []).append((p, nesterov))
             for (rows, cols), pairs in by_shape.items():
                 stacked = torch.stack([nesterov for _, nesterov in pairs])  # (k, rows, cols)
                 updates = orthogonalise(stacked, group["ns_steps"], self.ns_dtype)
                 step_size = lr * math.sqrt(max(1.0, rows / cols))
                 for (p, _), update in zip(pairs, updates):
+                    update = update.to(p.dtype)
+                    if isinstance(p, DTensor):  # this rank's shard, cut locally (no traffic)
+                        update = distribute_tensor(
+                            update, p.device_mesh, p.placements, src_data_rank=None
+                        )
                     p.mul_(1 - lr * group["weight_decay"])
-                    p.add_(update.to(p.dtype), alpha=-step_size)
+                    p.add_(update, alpha=-step_size)
         return loss

@@ -42,6 +42,8 @@ from lmforge.train.distributed import (
     DistInfo,
     all_reduce_max,
     all_reduce_sum,
+    barrier,
+    local_value,
     no_sync,
     parallelize,
 )
@@ -123,7 +125,7 @@ class Trainer:
         self.extra_eval = extra_eval  # more val_* metrics, e.g. from generation
         self.on_eval = on_eval  # see the module docstring
         self.precision = pick_precision(self.tcfg.precision, self.device)
-        self.train_model = parallelize(self.model, self.tcfg, dist_info)
+        self.train_model = parallelize(self.model, self.tcfg, dist_info, self.precision)
         self.optimizers = build_optimizers(self.model, self.tcfg, self.device, self.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -151,8 +153,8 @@ class Trainer:
         units_total = all_reduce_sum(units).item()
         model.train()
 
-        def backward(loss: torch.Tensor) -> None:  # DDP averages over ranks: undo that
-            self.scaler.scale(loss * self.dist.world_size).backward()
+        def backward(loss: torch.Tensor) -> None:  # DDP/FSDP average over ranks: undo that
+            self.scaler.scale(loss * self.dist.dp_size).backward()
 
         sums = self._run_batches(self.loss_fn, model, batches, backward, max(units_total, 1.0))
         totals = _reduce_over_ranks(sums)
@@ -161,7 +163,7 @@ class Trainer:
         for opt in self.optimizers:
             self.scaler.unscale_(opt)
         max_norm = self.tcfg.grad_clip if self.tcfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm).item()
+        grad_norm = local_value(torch.nn.utils.clip_grad_norm_(self.params, max_norm)).item()
         row["grad_norm"] = grad_norm
         finite = math.isfinite(row["loss"]) and (
             math.isfinite(grad_norm) or self.precision == "fp16"  # the scaler skips those
@@ -245,32 +247,46 @@ class Trainer:
         return self.run_dir / "checkpoints"
 
     def trainer_state(self) -> dict[str, Any]:
+        """What resume needs besides the weights; a sharded run's optimizer states go into
+        the checkpoint's sharded/ folder instead (save_checkpoint)."""
         state = {
             "step": self.step,
             "tokens": self.tokens,
             "best_val": self.best_val,
             "best_step": self.best_step,
-            "optimizers": [opt.state_dict() for opt in self.optimizers],
             "scaler": self.scaler.state_dict(),
             "data": self.train_loader.state_dict(),
             "rng_cpu": torch.get_rng_state(),
             "world_size": self.dist.world_size,
             "precision": self.precision,
         }
+        if not self.dist.sharded:
+            state["optimizers"] = [opt.state_dict() for opt in self.optimizers]
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         return state
 
     def save_checkpoint(self) -> Path | None:
         """Rank 0 writes step_XXXXXXX atomically, then moves the `latest` pointer and prunes
-        old checkpoints (keeping the best)."""
-        if not self.dist.is_main:
-            return None
+        old checkpoints (keeping the best). A sharded run first has every rank write its
+        shards into a staging folder and gather the full weights to rank 0, which moves the
+        shards into the checkpoint as it writes it."""
         folder = self.ckpt_root / f"step_{self.step:07d}"
-        ckpt.save_checkpoint(folder, self.model, self.cfg, self.tokenizer, self.trainer_state())
-        ckpt.set_latest(folder)
-        self._prune()
-        return folder
+        model, staging = self.model, None
+        if self.dist.sharded:
+            staging = self.ckpt_root / f".{folder.name}.sharded"
+            if self.dist.is_main:
+                shutil.rmtree(staging, ignore_errors=True)  # a crashed save's leftovers
+            barrier()
+            ckpt.save_sharded_state(staging, self.model, self.optimizers)
+            model = ckpt.gather_model(self.model, self.cfg)
+        if self.dist.is_main:
+            state = self.trainer_state()
+            ckpt.save_checkpoint(folder, model, self.cfg, self.tokenizer, state, staging)
+            ckpt.set_latest(folder)
+            self._prune()
+        barrier()  # no rank reads or writes checkpoints before this one is complete
+        return folder if self.dist.is_main else None
 
     def _prune(self) -> None:
         keep = {f"step_{self.step:07d}"}
@@ -283,8 +299,9 @@ class Trainer:
                 shutil.rmtree(folder)
 
     def load_trainer_state(self, folder: Path) -> None:
-        """Restore everything resume needs from a checkpoint folder (weights included)."""
-        ckpt.load_weights(self.model, folder)
+        """Restore everything resume needs from a checkpoint folder (weights included). A
+        sharded checkpoint resumes at any world size and layout; a plain one (one process or
+        DDP) into an unsharded run."""
         state_path = folder / ckpt.TRAINER_STATE
         if not state_path.is_file():
             raise LmforgeError(
@@ -300,14 +317,15 @@ class Trainer:
             self.precision = state["precision"]
             self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
             self.optimizers = build_optimizers(self.model, self.tcfg, self.device, self.precision)
-        saved = state["optimizers"] if "optimizers" in state else [state["optimizer"]]
-        if len(saved) != len(self.optimizers):
-            raise LmforgeError(
-                f"{folder} was trained with {len(saved)} optimizer(s), this run has "
-                f"{len(self.optimizers)}: resume with the train.optimizer it was trained with"
-            )
-        for opt, opt_state in zip(self.optimizers, saved):
-            opt.load_state_dict(opt_state)
+        if (folder / ckpt.SHARDED).is_dir():
+            ckpt.load_sharded_state(folder, self.model, self.optimizers)
+        elif self.dist.sharded:
+            saved = self._saved_optimizers(folder, state)
+            ckpt.load_full_into_sharded(folder, self.model, self.optimizers, saved)
+        else:
+            ckpt.load_weights(self.model, folder)
+            for opt, saved in zip(self.optimizers, self._saved_optimizers(folder, state)):
+                opt.load_state_dict(saved)
         self.scaler.load_state_dict(state["scaler"])
         self.train_loader.load_state_dict(state["data"])
         self.step, self.tokens = state["step"], state["tokens"]
@@ -318,6 +336,16 @@ class Trainer:
                 torch.cuda.set_rng_state(state["rng_cuda"], self.device)
         else:  # per-rank dropout streams cannot be carried across world sizes; reseed them
             torch.manual_seed(self.tcfg.seed + 1000 * self.dist.rank + self.step)
+
+    def _saved_optimizers(self, folder: Path, state: dict[str, Any]) -> list[dict]:
+        """An unsharded checkpoint's optimizer states, one per optimizer of this run."""
+        saved = state["optimizers"] if "optimizers" in state else [state["optimizer"]]
+        if len(saved) != len(self.optimizers):
+            raise LmforgeError(
+                f"{folder} was trained with {len(saved)} optimizer(s), this run has "
+                f"{len(self.optimizers)}: resume with the train.optimizer it was trained with"
+            )
+        return saved
 
     # ---------------------------------------------------------------- the loop
     def _install_signal_handlers(self) -> dict[int, Any]:
