@@ -224,7 +224,11 @@ class ParallelConfig:
     tp: int = 1
     """Tensor-parallel degree: each attention and MLP layer split over this many processes."""
     pp: int = 1
-    """Pipeline stages: the blocks split into this many consecutive groups."""
+    """Pipeline stages: the blocks split into this many consecutive groups, one per process
+    (no other parallelism yet; needs model.tie_embeddings=false)."""
+    pp_schedule: str = "1f1b"
+    """Pipeline schedule over a step's accumulation micro-batches: gpipe (all forwards, then
+    all backwards) or 1f1b (one forward, one backward: fewer activations held)."""
     reshard_after_forward: bool = True
     """FSDP: free the gathered parameters after the forward (ZeRO-3); false keeps them until
     the backward (ZeRO-2-like: more memory, one all-gather less per step)."""
@@ -243,6 +247,7 @@ class ParallelConfig:
             )
         _check_positive("train.parallel.tp", self.tp)
         _check_positive("train.parallel.pp", self.pp)
+        _check_choice("train.parallel.pp_schedule", self.pp_schedule, ("gpipe", "1f1b"))
 
     def sizes(self, world_size: int) -> dict[str, int]:
         """{pp, dp_replicate, dp_shard, tp} for `world_size` processes, -1 filled in; a layout

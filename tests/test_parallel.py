@@ -1,6 +1,7 @@
 """Scale-out (train.parallel) against one process, under torchrun on gloo: sharded data
-parallel (FSDP2) and hybrid sharding give the single-process losses for the same global
-batch, and sharded checkpoints resume at another world size (4 -> 2 -> 1 processes)."""
+parallel (FSDP2), hybrid sharding and pipeline stages (GPipe, 1F1B) give the single-process
+losses for the same global batch, and sharded checkpoints resume at another world size
+(4 -> 2 -> 1 processes) or layout."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from lmforge.config import ParallelConfig, build_config
 from lmforge.data.loader import bundled_text_path
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import init_distributed
+from lmforge.train.pipeline import check_pipeline, stage_layers
 
 GLOBAL_BATCH = 8  # sequences per optimizer step, whatever the world size
 
@@ -88,6 +90,16 @@ def single(text_file, tmp_path_factory) -> dict:
     return _losses(runs / "one")
 
 
+UNTIED = "--model.tie_embeddings=false"  # a pipeline's embedding and head sit on two stages
+
+
+@pytest.fixture(scope="module")
+def single_untied(text_file, tmp_path_factory) -> dict:
+    runs = tmp_path_factory.mktemp("single_untied")
+    assert main(["train", *_args(text_file, runs, "one", 1, UNTIED)]) == 0
+    return _losses(runs / "one")
+
+
 def test_fsdp_matches_one_process_and_reshards_4_2_1(text_file, single, tmp_path):
     shard = "--train.parallel.dp_shard={}".format
     _torchrun(4, "train", *_args(text_file, tmp_path, "fsdp", 4, shard(4)), cwd=tmp_path)
@@ -120,6 +132,24 @@ def test_hybrid_sharding_with_adamw_matches_one_process(text_file, tmp_path):
     _assert_close(_losses(tmp_path / "hsdp"), _losses(tmp_path / "one"), range(0, 7))
 
 
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_pipeline_matches_one_process(schedule, text_file, single_untied, tmp_path):
+    """2 stages, the step's 2 accumulation micro-batches through the schedule; the stages'
+    checkpoint then resumes in one process."""
+    layout = ["--train.parallel.pp=2", f"--train.parallel.pp_schedule={schedule}"]
+    # both stages read the whole batch: the data-parallel size is 1
+    argv = _args(text_file, tmp_path, "pp", 1, UNTIED, *layout)
+    _torchrun(2, "train", *argv, cwd=tmp_path)
+    run = tmp_path / "pp"
+    _assert_close(_losses(run), single_untied, range(0, 7))
+    names = ckpt.load(run / "checkpoints" / "step_0000002")[0].state_dict().keys()
+    assert "blocks.0.attn.qkv.weight" in names and "blocks.1.attn.qkv.weight" in names
+
+    _point_latest(run, 2)
+    assert main(["train", f"--resume={run}", "--train.parallel.pp=1"]) == 0
+    _assert_close(_losses(run), single_untied, range(3, 7))
+
+
 def test_layout_errors_are_one_line(text_file, tmp_path, capsys, monkeypatch):
     with pytest.raises(LmforgeError, match="does not multiply to the world size 3"):
         ParallelConfig(dp_shard=2).sizes(3)
@@ -135,6 +165,14 @@ def test_layout_errors_are_one_line(text_file, tmp_path, capsys, monkeypatch):
         init_distributed("cpu", ParallelConfig(dp_shard=2), unsharded_verb="lmforge sft")
     with pytest.raises(LmforgeError, match="train.parallel.tp=2"):
         init_distributed("cpu", ParallelConfig(dp_replicate=1, tp=2))
+    with pytest.raises(LmforgeError, match="lmforge dpo does not pipeline"):
+        init_distributed("cpu", ParallelConfig(pp=2), unsharded_verb="lmforge dpo")
+    cfg = build_config({"model": {"preset": "tiny", "tie_embeddings": False}})
+    with pytest.raises(LmforgeError, match="pp=3 is more stages than model.n_layer=2"):
+        check_pipeline(cfg, 3)
+    cfg.model.tie_embeddings = True
+    with pytest.raises(LmforgeError, match="needs model.tie_embeddings=false"):
+        check_pipeline(cfg, 2)
 
 
 def test_unsharded_checkpoint_resumes_sharded(text_file, single, tmp_path):
@@ -149,3 +187,8 @@ def test_unsharded_checkpoint_resumes_sharded(text_file, single, tmp_path):
     _torchrun(2, "train", *resume, cwd=tmp_path)
     _assert_close(_losses(run), single, range(3, 7))
     assert (run / "checkpoints" / "step_0000004" / ckpt.SHARDED).is_dir()
+
+
+def test_stage_layers_split_evenly():
+    assert [stage_layers(7, 3, s) for s in range(3)] == [range(0, 3), range(3, 5), range(5, 7)]
+    assert [stage_layers(4, 4, s) for s in range(4)] == [range(i, i + 1) for i in range(4)]

@@ -496,17 +496,8 @@ class GPT(nn.Module):
         pos = self._positions(B, T, offset, attention_mask, position_ids, device)  # (B, T)
         if shift:
             pos = pos + shift
-        rope = None
-        if self.config.pos_encoding == "learned":
-            x = x + self.wpe(pos)
-        elif self.config.pos_encoding == "sinusoidal":
-            x = x + sinusoidal_embedding(pos, self.config.d_model).to(x.dtype)
-        elif self.config.pos_encoding == "rope":
-            freqs = pos[..., None].float() * self.rope_inv_freq  # (B, T, hd/2)
-            emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
-            dtype = compute_dtype(x)  # rotate in the matmuls' dtype, as transformers does
-            rope = (emb.cos().to(dtype), emb.sin().to(dtype))
-        x = self.drop(x)
+        x = self.drop(self.add_positions(x, pos))
+        rope = self.rope_tables(pos, compute_dtype(x))
         P = prefix.kv.size(-2) if prefix is not None else 0
         mask = (
             False if packed else self._mask(T, S, offset, attention_mask, document_ids, P, device)
@@ -522,6 +513,24 @@ class GPT(nn.Module):
             x = x[:, -logits_to_keep:]  # (B, k, d)
         x = self.norm_f(x)
         return x if return_hidden else self.logits(x)  # (B, T or k, d or V)
+
+    def add_positions(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, T, d) plus the learned or sinusoidal position embeddings of
+        pos (B, T); unchanged for RoPE (rotated in attention) and none."""
+        if self.config.pos_encoding == "learned":
+            return x + self.wpe(pos)
+        if self.config.pos_encoding == "sinusoidal":
+            return x + sinusoidal_embedding(pos, self.config.d_model).to(x.dtype)
+        return x
+
+    def rope_tables(self, pos: torch.Tensor, dtype: torch.dtype):
+        """RoPE's (cos, sin) of positions pos (B, T), each (B, 1, T, hd) in `dtype` (the
+        matmuls': queries and keys rotate in it, as transformers does); None without RoPE."""
+        if self.config.pos_encoding != "rope":
+            return None
+        freqs = pos[..., None].float() * self.rope_inv_freq  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output layer on final normed hidden states (..., d) -> logits (..., V), for

@@ -88,7 +88,7 @@ def train(
         )
         result = trainer.fit()
         if info.sharded:  # the sample runs on rank 0 alone: a plain copy of the weights
-            model = ckpt.gather_model(model, cfg)
+            model = ckpt.gather_model(trainer.model, cfg)
         if info.is_main:
             report(cfg, model, data.tokenizer, run_dir, result)
         return result

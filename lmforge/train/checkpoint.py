@@ -16,10 +16,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
@@ -43,6 +45,7 @@ from lmforge.model.peft import (
     write_adapter,
 )
 from lmforge.tokenizer import Tokenizer, load_tokenizer
+from lmforge.train.pipeline import StageModel
 
 WEIGHTS = "model.safetensors"
 TRAINABLE = "trainable.safetensors"
@@ -111,7 +114,9 @@ def load_sharded_state(folder: Path, model: torch.nn.Module, optimizers: list) -
     layout (any world size, or one process without a process group)."""
     model_state, optim_state = get_state_dict(model, optimizers)  # the layout to fill
     state = {"model": model_state, "optimizers": optim_state}
-    dcp.load(state, checkpoint_id=folder / SHARDED, no_dist=not torch.distributed.is_initialized())
+    with warnings.catch_warnings():  # one process reading many ranks' files is the point
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=folder / SHARDED, no_dist=not dist.is_initialized())
     set_state_dict(
         model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optimizers"]
     )
@@ -144,11 +149,18 @@ def load_full_into_sharded(
 
 
 def gather_model(model: torch.nn.Module, cfg: Config) -> GPT | None:
-    """All ranks: a sharded GPT's full weights as a plain GPT in CPU memory on rank 0 (None
-    on the others), which every single-process tool can save, load and run."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(model, options=options)
-    if not state:  # full_state_dict with cpu_offload fills rank 0's only
+    """All ranks: the full weights of a model split over ranks (FSDP shards or pipeline
+    stages) as a plain GPT in CPU memory on rank 0 (None on the others), which every
+    single-process tool can save, load and run."""
+    if isinstance(model, StageModel):  # each rank holds some layers whole
+        own = {name: t.detach().cpu() for name, t in model.state_dict().items()}
+        parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(own, parts, dst=0)
+        state = {name: t for part in parts or () for name, t in part.items()}
+    else:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(model, options=options)
+    if not state:  # rank 0 gathers; full_state_dict with cpu_offload fills rank 0's only
         return None
     # A gathered tensor may be a view of a larger buffer; safetensors saves whole storages.
     state = {

@@ -63,9 +63,9 @@ class DistInfo:
 
     @property
     def sharded(self) -> bool:
-        """Parameters are DTensors split over ranks (FSDP): saving and loading gather or
-        reshard them, and no rank can run the model alone."""
-        return self.sizes["dp_shard"] > 1
+        """Parameters are split over ranks (FSDP shards or pipeline stages): saving and
+        loading gather or reshard them, and no rank can run the model alone."""
+        return self.sizes["dp_shard"] > 1 or self.sizes["pp"] > 1
 
 
 def init_distributed(
@@ -86,12 +86,18 @@ def init_distributed(
             f"train.parallel.dp_shard={sizes['dp_shard']}: {unsharded_verb} does not shard; "
             "use data parallel (dp_replicate) for it"
         )
-    for name in ("tp", "pp"):
-        if sizes[name] > 1:
-            raise LmforgeError(
-                f"train.parallel.{name}={sizes[name]}: this build trains with data and sharded "
-                "data parallel only (dp_replicate, dp_shard); set it to 1"
-            )
+    if sizes["tp"] > 1:
+        raise LmforgeError(
+            f"train.parallel.tp={sizes['tp']}: tensor parallel training is not built yet; "
+            "use dp_replicate, dp_shard or pp"
+        )
+    if sizes["pp"] > 1 and sizes["pp"] != world_size:
+        raise LmforgeError(
+            f"train.parallel.pp={sizes['pp']} with other parallelism: a pipeline runs alone "
+            f"for now (pp = the world size, {world_size})"
+        )
+    if unsharded_verb and sizes["pp"] > 1:
+        raise LmforgeError(f"train.parallel.pp={sizes['pp']}: {unsharded_verb} does not pipeline")
     device = pick_device(device_request)
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
@@ -124,9 +130,9 @@ def parallelize(model: nn.Module, train_cfg, info: DistInfo, precision: str = "f
     if train_cfg.activation_checkpointing:
         model.set_activation_checkpointing(True)
     wrapped = torch.compile(model) if train_cfg.compile else model
-    if info.sharded:
+    if info.sizes["dp_shard"] > 1:
         shard_model(model, info, train_cfg.parallel, precision)
-    elif info.enabled:
+    elif info.dp_size > 1:
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         wrapped = DistributedDataParallel(wrapped, device_ids=device_ids)
     return wrapped

@@ -50,6 +50,7 @@ from lmforge.train.distributed import (
 from lmforge.train.losses import Batch, CausalLMLoss, LossFn
 from lmforge.train.metrics import MetricsLogger
 from lmforge.train.optim import build_optimizers, lr_scale
+from lmforge.train.pipeline import Pipeline, check_pipeline
 from lmforge.train.schedule import accum_steps_at, lr_at
 
 # Columns of the printed log line and their formats (metrics.jsonl keeps full precision).
@@ -126,6 +127,13 @@ class Trainer:
         self.on_eval = on_eval  # see the module docstring
         self.precision = pick_precision(self.tcfg.precision, self.device)
         self.train_model = parallelize(self.model, self.tcfg, dist_info, self.precision)
+        self.pipeline = None
+        if dist_info.sizes["pp"] > 1:  # from here on, self.model is this rank's stage
+            if type(loss_fn) is not CausalLMLoss or extra_eval is not None:
+                raise LmforgeError("train.parallel.pp > 1 pipelines causal-LM pretraining only")
+            check_pipeline(cfg, dist_info.sizes["pp"])
+            self.pipeline = Pipeline(self.model, dist_info, self.tcfg.parallel.pp_schedule)
+            self.model = self.train_model = self.pipeline.model
         self.optimizers = build_optimizers(self.model, self.tcfg, self.device, self.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -150,20 +158,27 @@ class Trainer:
                 group["lr"] = lr * lr_scale(opt, self.tcfg)
         batches = [self._to_device(b) for b in self.train_loader.next_step(accum)]
         units = torch.stack([self.loss_fn.units(b) for b in batches]).sum().double()
-        units_total = all_reduce_sum(units).item()
+        units_total = all_reduce_sum(units).item() / self.dist.sizes["pp"]  # stages share data
         model.train()
 
         def backward(loss: torch.Tensor) -> None:  # DDP/FSDP average over ranks: undo that
             self.scaler.scale(loss * self.dist.dp_size).backward()
 
-        sums = self._run_batches(self.loss_fn, model, batches, backward, max(units_total, 1.0))
+        if self.pipeline is not None:
+            with autocast_context(self.precision, self.device):
+                sums = self.pipeline.run(batches, max(units_total, 1.0), train=True)
+        else:
+            sums = self._run_batches(self.loss_fn, model, batches, backward, max(units_total, 1.0))
         totals = _reduce_over_ranks(sums)
         row: dict[str, Any] = {"step": self.step + 1, "lr": lr}
         row |= _per_unit(totals)
         for opt in self.optimizers:
             self.scaler.unscale_(opt)
         max_norm = self.tcfg.grad_clip if self.tcfg.grad_clip > 0 else math.inf
-        grad_norm = local_value(torch.nn.utils.clip_grad_norm_(self.params, max_norm)).item()
+        if self.pipeline is not None:
+            grad_norm = self.pipeline.clip_grad_norm(self.params, max_norm)
+        else:
+            grad_norm = local_value(torch.nn.utils.clip_grad_norm_(self.params, max_norm)).item()
         row["grad_norm"] = grad_norm
         finite = math.isfinite(row["loss"]) and (
             math.isfinite(grad_norm) or self.precision == "fp16"  # the scaler skips those
@@ -231,7 +246,11 @@ class Trainer:
         if self.val_batches is not None:
             self.model.eval()
             batches = (self._to_device(b) for b in self.val_batches())
-            sums = self._run_batches(self.eval_loss_fn, self.model, batches)
+            if self.pipeline is not None:
+                with autocast_context(self.precision, self.device):
+                    sums = self.pipeline.run(list(batches), 1.0, train=False)
+            else:
+                sums = self._run_batches(self.eval_loss_fn, self.model, batches)
             row |= _per_unit(_reduce_over_ranks(sums), prefix="val_")
             if isinstance(self.eval_loss_fn, CausalLMLoss):  # other losses are not per token
                 row["val_ppl"] = math.exp(min(row["val_loss"], 50.0))
@@ -319,6 +338,10 @@ class Trainer:
             self.optimizers = build_optimizers(self.model, self.tcfg, self.device, self.precision)
         if (folder / ckpt.SHARDED).is_dir():
             ckpt.load_sharded_state(folder, self.model, self.optimizers)
+        elif self.pipeline is not None:
+            raise LmforgeError(
+                f"{folder} was saved by an unpipelined run: resume it with train.parallel.pp=1"
+            )
         elif self.dist.sharded:
             saved = self._saved_optimizers(folder, state)
             ckpt.load_full_into_sharded(folder, self.model, self.optimizers, saved)
