@@ -16,9 +16,10 @@ reaches differ between devices and save different tensors, so `device` picks the
   composite (also saves the normalised input); dropout keeps its scaled noise in the
   input's dtype.
 
-Precision: fp32 keeps everything in fp32. bf16/fp16 autocast keeps fp32 master weights, so
-the residual stream (embeddings plus each block's output) and the norms (their inputs, and
-LayerNorm's output, which autocast runs in fp32) stay fp32, while every matmul's input and
+Precision: fp32 keeps everything in fp32. bf16/fp16 autocast over fp32 master weights keeps
+the residual stream (embeddings plus each block's output) in fp32; over FSDP's bf16/fp16
+parameters (`low_precision_params`) the stream is bf16/fp16. Either way autocast runs the
+norms (QK-norm too) in fp32, so they save fp32 inputs, while every matmul's input and
 output, attention and the MLP's activation functions are in the low-precision dtype; the
 loss's log-probabilities are fp32 (the loss upcasts the logits).
 
@@ -54,6 +55,9 @@ class Shapes:
     seq: int
     tp: int = 1
     device: str = "cuda"
+    low_precision_params: bool = False
+    """The forward runs on bf16/fp16 parameters (FSDP's mixed-precision units) rather than
+    autocast's casts of fp32 ones."""
     dense_mask_rows: int = 0
     """Rows of the explicit attention mask SDPA gets (sliding window or packed documents with
     the sdpa backend): 1 when one mask serves the batch, B when each row has its own, 0 for
@@ -70,9 +74,9 @@ class Shapes:
 
     @property
     def resid(self) -> int:
-        """Bytes per element of the residual stream and the norms: fp32 master weights keep it
-        fp32 under autocast."""
-        return FP32
+        """Bytes per element of the residual stream: fp32 master weights keep it fp32 under
+        autocast; FSDP's low-precision parameters (low_precision_params) make it bf16/fp16."""
+        return self.act if self.low_precision_params else FP32
 
     @property
     def nh(self) -> int:
@@ -108,11 +112,13 @@ class Shapes:
 
 
 def norm_saved(s: Shapes, width: float) -> float:
-    """A norm over `width` channels per token: its fp32 input, LayerNorm's mean and 1/std or
-    RMSNorm's 1/rms, and on CPU RMSNorm's composite also the normalised input."""
+    """A norm over `width` channels per token: its input in fp32 (the fp32 residual stream,
+    or autocast's fp32 copy of a low-precision one: autocast runs both norms in fp32),
+    LayerNorm's mean and 1/std or RMSNorm's 1/rms, and on CPU RMSNorm's composite also the
+    normalised input."""
     stats = 2 if s.cfg.norm == "layernorm" else 1
     normalised = width if s.cfg.norm == "rmsnorm" and s.device == "cpu" else 0
-    return s.tokens * (s.resid * (width + normalised) + FP32 * stats / s.tp)
+    return s.tokens * (FP32 * (width + normalised) + FP32 * stats / s.tp)
 
 
 def attention_saved(s: Shapes) -> dict[str, float]:
@@ -131,17 +137,19 @@ def attention_saved(s: Shapes) -> dict[str, float]:
         and s.seq <= EXPLICIT_ATTENTION_MAX_T
     )
     cpu_math = s.device == "cpu" and dropout and not cpu_explicit
+    # QK-norm under autocast (RMSNorm is on its fp32 list) hands q and k on in fp32, so on
+    # CUDA sdpa_gqa, which looks at q's dtype, repeats k and v as it does for fp32 runs
+    q_in_fp32 = not s.low_precision or cfg.qk_norm
     repeat_kv = s.nkv != s.nh and (
-        cpu_explicit or (s.device == "cuda" and (explicit_mask or not s.low_precision))
+        cpu_explicit or (s.device == "cuda" and (explicit_mask or q_in_fp32))
     )
-    # which tensors reach the attention kernel, and whether they are views of the qkv output
+    # QK-norm saves its input: a view of the qkv output in fp32 runs, else an fp32 copy of it
+    # (autocast's, or the CPU composite's upcast); the CPU composite also keeps the
+    # normalised heads (fp32)
+    qk_norm_keeps_view = cfg.qk_norm and not s.low_precision
     if cfg.qk_norm:
-        out["attn.q_norm/k_norm"] = n * FP32 * (s.nh + s.nkv)  # 1/rms per head
-        if s.device == "cpu":  # the composite keeps the normalised heads (fp32), and under
-            copies = 2 if s.low_precision else 1  # autocast its fp32 copy of the input too
-            out["attn.q_norm/k_norm"] += n * FP32 * copies * (q_width + kv_width)
-    # QK-norm saves its input, a view of the qkv output, unless the CPU composite upcasts a copy
-    qk_norm_keeps_view = cfg.qk_norm and not (s.device == "cpu" and s.low_precision)
+        copies = (s.device == "cpu") + s.low_precision
+        out["attn.q_norm/k_norm"] = n * FP32 * (s.nh + s.nkv + copies * (q_width + kv_width))
     rope = cfg.pos_encoding == "rope"
     qk_fresh = rope or cfg.qk_norm  # q and k are new tensors, not views of the qkv output
     if cpu_explicit or cpu_math:

@@ -270,6 +270,11 @@ def stage_blocks(n_layer: int, pp: int) -> list[range]:
     return out
 
 
+def uses_fsdp(cfg: Config, sizes: dict[str, int]) -> bool:
+    """FSDP wraps the model when it shards (dp_shard > 1) or offloads to the CPU."""
+    return sizes["dp_shard"] > 1 or cfg.train.parallel.cpu_offload
+
+
 def _dense_mask_rows(cfg: Config, batch: int) -> int:
     """Rows of the explicit mask SDPA receives (activations.Shapes.dense_mask_rows)."""
     m = cfg.model
@@ -298,7 +303,7 @@ def _stage(
     if last and pp > 1 and cfg.model.tie_embeddings:  # the last stage's copy of the tied head
         mine.append(Unit(numel=vocab * cfg.model.d_model / sizes["tp"], adamw_tensors=1))
     par = cfg.train.parallel
-    fsdp = sizes["dp_shard"] > 1 or par.cpu_offload
+    fsdp = uses_fsdp(cfg, sizes)
     shard = sizes["dp_shard"] if fsdp else 1
     numel = sum(u.numel for u in mine)
     muon_numel = sum(u.muon_numel for u in mine)
@@ -372,6 +377,7 @@ def plan(cfg: Config, world_size: int, pp_schedule: str = "1f1b", device: str = 
         cfg.model.block_size,
         tp=sizes["tp"],
         device=device,
+        low_precision_params=precision in act.LOW_PRECISION and uses_fsdp(cfg, sizes),
         dense_mask_rows=_dense_mask_rows(cfg, t.micro_batch_size),
     )
     dp = sizes["dp_replicate"] * sizes["dp_shard"]
