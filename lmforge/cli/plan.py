@@ -31,8 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument(
         "--peak-tflops",
         type=float,
-        help="peak dense TFLOP/s of one device (default: the H100 of lmforge/hardware.py's "
-        "table at the run's precision)",
+        help="peak dense TFLOP/s of one device; unset = the H100 of lmforge/hardware.py's "
+        "table at the run's precision",
     )
     parser.add_argument(
         "--pp-schedule",

@@ -13,10 +13,11 @@ tensors the model's code saves for its backward. What it assumes:
   norm with the head) and gathers one unit at a time (the next one prefetched) in the
   compute dtype, as torchtitan's MixedPrecisionPolicy does (bf16 parameters, gradients
   reduced in fp32), so autocast has no weight copies to make; each unit's gradients exist
-  unsharded (and, in bf16 runs, also upcast to fp32) until they are reduce-scattered.
-  Without FSDP, autocast's bf16/fp16 copy of each matmul weight is saved for the backward. reshard_after_forward=false keeps the stage's gathered parameters
-  from the forward to the backward. dp_replicate copies everything; without FSDP it is DDP,
-  whose gradient buckets are a second copy of the gradients. tp splits the blocks' matrices
+  unsharded (and, in bf16 runs, also upcast to fp32) until they are reduce-scattered;
+  reshard_after_forward=false keeps the stage's gathered parameters from the forward to the
+  backward. Without FSDP, autocast's bf16/fp16 copy of each matmul weight is saved for the
+  backward. dp_replicate copies everything; without FSDP it is DDP, whose gradient buckets
+  are a second copy of the gradients. tp splits the blocks' matrices
   (column-parallel biases too; norms are replicated), the token embedding and the head
   (vocabulary-parallel), and the activations (activations.py). pp splits the blocks into
   consecutive stages as evenly as possible (earlier stages take the extra ones), the first
