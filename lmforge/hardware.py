@@ -30,6 +30,15 @@ _GPU_PEAK_FLOPS = {
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def gpu_peak_flops(name: str, precision: str) -> float | None:
+    """Dense peak FLOP/s of a GPU whose name contains a key of the table (TF32, half the
+    bf16 figure, for fp32), or None for a GPU not in it."""
+    for key, flops in _GPU_PEAK_FLOPS.items():
+        if key in name:
+            return flops if precision != "fp32" else flops / 2
+    return None
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     if requested != "auto":
         return torch.device(requested)
@@ -116,9 +125,8 @@ def device_peak_flops(device: torch.device, precision: str = "fp32") -> float:
     devices the throughput of a 1024^3 matmul in the run's precision, measured once per
     process (a practical peak)."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in _GPU_PEAK_FLOPS.items():
-            if key in name:
-                return flops if precision != "fp32" else flops / 2
+        flops = gpu_peak_flops(torch.cuda.get_device_name(device), precision)
+        if flops is not None:
+            return flops
     n = 1024
     return 2 * n**3 / _matmul_seconds(device, _DTYPES[precision], n, reps=4)

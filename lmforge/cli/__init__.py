@@ -33,6 +33,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "prune": ("lmforge.cli.prune", "prune (magnitude, heads/channels) or low-rank a checkpoint"),
     "scaling": ("lmforge.cli.scaling", "fit scaling laws L(N, D) and size compute-optimal runs"),
     "sweep": ("lmforge.cli.sweep", "hyperparameter search (Optuna): trials are runs; resumable"),
+    "plan": ("lmforge.cli.plan", "per-GPU memory and FLOPs of a run before it runs; what fits"),
     "report": (
         "lmforge.cli.report",
         "render a run's metrics (loss, lr, tokens/s, evals) as report.md with plots",

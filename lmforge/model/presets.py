@@ -51,6 +51,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         rope_theta=500000.0,
         tie_embeddings=True,
     ),
+    # Llama-3.1-8B's shapes (untied head; its RoPE frequency scaling is not modelled).
+    "llama-8b": dict(
+        _LLAMA,
+        vocab_size=128256,
+        block_size=131072,
+        n_layer=32,
+        n_head=32,
+        n_kv_head=8,
+        d_model=4096,
+        ffn_hidden=14336,
+        rope_theta=500000.0,
+    ),
 }
 
 
