@@ -190,7 +190,8 @@ def test_pipeline_stages_hold_their_blocks_and_micro_batches_in_flight():
     assert [s.in_flight for s in stages] == [4, 3, 2, 1]  # 1F1B
     assert "embeddings" in stages[0].activations and "embeddings" not in stages[1].activations
     assert LOGITS_KEY in stages[-1].temporary and LOGITS_KEY not in stages[0].temporary
-    gpipe = plan(build_config(overrides=base), 4, pp_schedule="gpipe").stages[False]
+    gpipe_cfg = build_config(overrides=[*base, "--train.parallel.pp_schedule=gpipe"])
+    gpipe = plan(gpipe_cfg, 4).stages[False]
     assert [s.in_flight for s in gpipe] == [8, 8, 8, 8]
     uneven = plan(build_config(overrides=[*base[:2], "--train.parallel.pp=3"]), 3)
     assert [s.blocks for s in uneven.stages[False]] == [11, 11, 10]

@@ -15,7 +15,6 @@ from lmforge.common import LmforgeError
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     from lmforge.cli.options import add_config_options
     from lmforge.config import describe_keys
-    from lmforge.research.memory_plan import SCHEDULES
 
     parser.add_argument("--config", metavar="FILE.yaml", help="a YAML recipe (see configs/)")
     parser.add_argument(
@@ -34,12 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
         help="peak dense TFLOP/s of one device; unset = the H100 of lmforge/hardware.py's "
         "table at the run's precision",
     )
-    parser.add_argument(
-        "--pp-schedule",
-        choices=SCHEDULES,
-        default="1f1b",
-        help="pipeline schedule (pp > 1): micro-batches in flight",
-    )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     add_config_options(parser, describe_keys())
 
@@ -57,9 +50,9 @@ def run(args: argparse.Namespace) -> int:
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         raise LmforgeError(f"--peak-tflops={args.peak_tflops} must be > 0")
     cfg = build_config(*([args.config] if args.config else []), overrides=config_overrides(args))
-    result = plan(cfg, args.world_size, args.pp_schedule)
+    result = plan(cfg, args.world_size)
     fits = budget is None or result.device_bytes <= budget
-    suggestions = [] if fits else suggest(cfg, args.world_size, budget, args.pp_schedule)
+    suggestions = [] if fits else suggest(cfg, args.world_size, budget)
     if args.peak_tflops is not None:
         peak, source = args.peak_tflops * 1e12, "--peak-tflops"
     else:

@@ -57,7 +57,6 @@ PARAM_BYTES = 4
 ADAMW_STATES = 2
 COLUMN_PARALLEL = ("attn.qkv", "mlp.fc", "mlp.gate_up")
 """Block Linears split by output channels under tensor parallelism: their biases split too."""
-SCHEDULES = ("1f1b", "gpipe")
 
 
 @dataclass
@@ -209,12 +208,10 @@ def _tokenizer_vocab(cfg: Config) -> tuple[int | None, str]:
     return tokenizer.vocab_size, f"a char tokenizer of {path or 'Shakespeare'}"
 
 
-def check_layout(cfg: Config, world_size: int, pp_schedule: str) -> dict[str, int]:
+def check_layout(cfg: Config, world_size: int) -> dict[str, int]:
     """train.parallel's sizes on `world_size` processes, or one clear error."""
     if world_size < 1:
         raise LmforgeError(f"--world-size={world_size} must be >= 1")
-    if pp_schedule not in SCHEDULES:
-        raise LmforgeError(f"--pp-schedule={pp_schedule} is not one of {', '.join(SCHEDULES)}")
     sizes = cfg.train.parallel.sizes(world_size)
     m, tp, pp = cfg.model, sizes["tp"], sizes["pp"]
     for key, value in (("n_head", m.n_head), ("n_kv_head", m.kv_heads), ("ffn_hidden", m.ffn_dim)):
@@ -362,11 +359,12 @@ def _stage(
     )
 
 
-def plan(cfg: Config, world_size: int, pp_schedule: str = "1f1b", device: str = "cuda") -> Plan:
+def plan(cfg: Config, world_size: int, device: str = "cuda") -> Plan:
     """The memory and FLOPs plan of `cfg` on `world_size` processes (see the module's
     docstring for what it assumes). device picks the kernels whose saved tensors are counted
     (activations.py): "cuda" for planning GPU runs, "cpu" to compare with a CPU run."""
-    sizes = check_layout(cfg, world_size, pp_schedule)
+    sizes = check_layout(cfg, world_size)
+    pp_schedule = cfg.train.parallel.pp_schedule
     vocab, vocab_note = resolve_vocab(cfg)
     precision = resolve_precision(cfg.train.precision, device)
     embed, blocks, head, model = parameter_units(cfg, vocab, sizes["tp"])
@@ -476,15 +474,13 @@ def _variants(kind: str, cfg: Config, world_size: int) -> list[dict[str, object]
     return []
 
 
-def suggest(
-    cfg: Config, world_size: int, budget: int, pp_schedule: str = "1f1b", device: str = "cuda"
-) -> list[Suggestion]:
+def suggest(cfg: Config, world_size: int, budget: int, device: str = "cuda") -> list[Suggestion]:
     """Ways to fit `budget` bytes per device, each checked by planning again: every single
     change that fits on its own (its mildest variant that does), else the shortest run of
     the changes, taken in CHANGES' order, that fits together; [] when nothing does."""
 
     def device_bytes(changes: dict[str, object]) -> int:
-        return plan(_with(cfg, changes), world_size, pp_schedule, device).device_bytes
+        return plan(_with(cfg, changes), world_size, device).device_bytes
 
     singles = []
     for kind in CHANGES:
