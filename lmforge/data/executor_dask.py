@@ -3,8 +3,8 @@ an existing one (`prepare.cluster_address`, e.g. tcp://HOST:8786 of `dask schedu
 started here with `prepare.workers` processes and stopped at the end.
 
 Dask rather than Ray, by measurement on a 2-core machine (BENCHMARKS.md, "Prepare on a
-cluster"): a sixth of the install size, and a local cluster that starts in well under a
-second instead of several, for the same shards.
+cluster"): a sixth of Ray's installed size, a local cluster up in about a second instead
+of 3 to 6, and the same shards in less time.
 
 Tasks carry their documents (the driver reads the inputs), so workers need lmforge installed,
 not the input files.
