@@ -864,9 +864,21 @@ class PrepareSettings:
     tokens_per_shard: int = 100_000_000
     """Tokens per shard file (a document never straddles two)."""
     workers: int = 0
-    """Processes for cleaning and MinHash; 0 = all cores."""
+    """Processes for cleaning and MinHash (those of the local cluster too); 0 = all cores."""
+    executor: str = "local"
+    """Where cleaning and MinHash run: local (processes on this machine) or dask (the workers
+    of a Dask cluster: `pip install 'lmforge[cluster]'`). Both give the same bytes: dedup,
+    split, mixture and shards stay in this process."""
+    cluster_address: str = ""
+    """executor=dask: the scheduler of a running cluster (tcp://HOST:8786); empty = start a
+    local cluster of `workers` processes for this run and stop it after."""
+    cluster_timeout_s: float = 10.0
+    """executor=dask: seconds to wait for the scheduler to answer and for a worker, then stop
+    with an error instead of hanging."""
 
     def __post_init__(self) -> None:
+        _check_choice("prepare.executor", self.executor, ("local", "dask"))
+        _check_positive("prepare.cluster_timeout_s", self.cluster_timeout_s)
         if not 0 <= self.val_fraction <= 0.5:
             raise LmforgeError(
                 f"prepare.val_fraction={self.val_fraction} must be in [0, 0.5] (--val-fraction)"

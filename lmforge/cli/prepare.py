@@ -22,6 +22,7 @@ SHORTHANDS = {
     "--val-fraction": "prepare.val_fraction",
     "--seed": "prepare.seed",
     "--workers": "prepare.workers",
+    "--executor": "prepare.executor",
 }
 
 

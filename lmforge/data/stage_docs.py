@@ -1,9 +1,9 @@
 """Stage 1 of `lmforge prepare`: collect -> clean -> dedup, into one `<source>.jsonl.zst` per
 source and a stats.json.
 
-Cleaning and MinHash signatures run on all cores (batches of documents in worker processes);
-dedup decisions stream in the main process, in source order, so the result does not depend
-on the number of workers.
+Cleaning and MinHash signatures run on the executor's workers (batches of documents; local
+processes on all cores, or a Dask cluster: executors.py); dedup decisions stream in the main
+process, in source order, so the result does not depend on the executor or its workers.
 """
 
 from __future__ import annotations
@@ -11,10 +11,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import multiprocessing as mp
-import os
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from lmforge.config import CleanConfig, DedupConfig, PrepareConfig
 from lmforge.data.clean import Cleaner
 from lmforge.data.collect import CollectStats, iter_documents
 from lmforge.data.dedup import Deduplicator, MinHasher, exact_key
+from lmforge.data.executors import open_executor
 from lmforge.data.stage_cache import Stage, digest, fingerprint, progress
 from lmforge.fileio import write_json
 
@@ -91,22 +90,6 @@ def _clean_batch(task: tuple[int, list[tuple[str, str]]]) -> tuple[int, list[tup
     return src_idx, out
 
 
-def _bounded_imap(fn: Callable, tasks: Iterable, pool: Any, in_flight: int) -> Iterator:
-    """Ordered map over a pool that keeps at most `in_flight` tasks queued (Pool.imap would
-    read the whole input ahead, unbounded memory)."""
-    if pool is None:
-        for t in tasks:
-            yield fn(t)
-        return
-    queue: deque = deque()
-    for t in tasks:
-        queue.append(pool.apply_async(fn, (t,)))
-        if len(queue) >= in_flight:
-            yield queue.popleft().get()
-    while queue:
-        yield queue.popleft().get()
-
-
 def _doc_batches(
     cfg: PrepareConfig, stats: dict[str, CollectStats], origins: deque
 ) -> Iterator[tuple[int, list]]:
@@ -146,35 +129,29 @@ def _clean_and_dedup(cfg: PrepareConfig, folder: Path) -> dict[str, Any]:
     collect = {s.name: CollectStats() for s in cfg.sources}
     drops = {s.name: Counter() for s in cfg.sources}
     pii = Counter()
-    writers = {s.name: JsonlZstWriter(docs_file(folder, s.name)) for s in cfg.sources}
     dedup = Deduplicator(cfg.dedup) if cfg.dedup.exact or cfg.dedup.near else None
     origins: deque = deque()
-    workers = cfg.prepare.workers or os.cpu_count() or 1
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    pool = ctx.Pool(workers, _worker_init, (cleaners, cfg.dedup)) if workers > 1 else None
-    if pool is None:
-        _worker_init(cleaners, cfg.dedup)
-    bar = progress("clean+dedup", "doc")
-    try:
-        batches = _doc_batches(cfg, collect, origins)
-        for src_idx, results in _bounded_imap(_clean_batch, batches, pool, 2 * workers):
-            name = cfg.sources[src_idx].name
-            for text, reason, n_pii, ekey, sig in results:
-                origin = origins.popleft()
-                if text is not None and dedup is not None:
-                    reason = dedup.check(text, origin, ekey, sig)
-                if reason:
-                    drops[name][reason] += 1
-                    continue
-                pii[name] += n_pii
-                writers[name].write(text)
-            bar.update(len(results))
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.terminate()
-        for w in writers.values():
-            w.close()
+    with open_executor(cfg.prepare, _worker_init, (cleaners, cfg.dedup)) as executor:
+        writers = {s.name: JsonlZstWriter(docs_file(folder, s.name)) for s in cfg.sources}
+        bar = progress("clean+dedup", "doc")
+        try:
+            batches = _doc_batches(cfg, collect, origins)
+            for src_idx, results in executor.map(_clean_batch, batches):
+                name = cfg.sources[src_idx].name
+                for text, reason, n_pii, ekey, sig in results:
+                    origin = origins.popleft()
+                    if text is not None and dedup is not None:
+                        reason = dedup.check(text, origin, ekey, sig)
+                    if reason:
+                        drops[name][reason] += 1
+                        continue
+                    pii[name] += n_pii
+                    writers[name].write(text)
+                bar.update(len(results))
+        finally:
+            bar.close()
+            for w in writers.values():
+                w.close()
     stats: dict[str, Any] = {
         s.name: {
             "documents_in": sum(drops[s.name].values()) + writers[s.name].count,
