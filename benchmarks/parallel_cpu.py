@@ -2,7 +2,7 @@
 in one run, beside one process: DDP, FSDP (ZeRO-3 and ZeRO-2-like), and a 2-stage pipeline
 (GPipe, 1F1B). Same model, same global batch, fp32.
 
-    python benchmarks/parallel_cpu.py [--steps 30] [--preset shakespeare-llama]
+    python benchmarks/parallel_cpu.py [--steps 30] [--preset shakespeare-llama] [--model.d_model=512 ...]
 
 Tokens/s is the median of the logged steps after the first 5 (all ranks' tokens over the
 step's wall time); peak memory is each rank's peak resident set size (ru_maxrss), which
@@ -65,6 +65,7 @@ def run_layout(name: str, nproc: int, extra: list[str], args, out: Path) -> dict
         "--run.sample_tokens=0",
         f"--run.dir={out}",
         f"--run.name={run_name}",
+        *args.overrides,
         *extra,
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, args.cores // nproc)))
@@ -92,16 +93,15 @@ def main() -> None:
     parser.add_argument("--accum", type=int, default=4, help="micro-batches per step")
     parser.add_argument("--preset", default="shakespeare-llama")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 2)
-    args = parser.parse_args()
+    args, args.overrides = parser.parse_known_args()  # the rest: config overrides
     with tempfile.TemporaryDirectory() as tmp:
         results = {
             name: run_layout(name, n, extra, args, Path(tmp))
             for name, (n, extra) in LAYOUTS.items()
         }
     base = results["1 process"]["tokens_per_s"]
-    print(
-        f"{args.preset}, fp32, global batch 16 x block, {args.accum} micro-batches, {args.cores} cores"
-    )
+    shape = " ".join([args.preset, *args.overrides])
+    print(f"{shape}, fp32, global batch 16 x block, {args.accum} micro-batches, {args.cores} cores")
     print(f"{'layout':<22}{'tokens/s':>10}{'vs 1 proc':>11}   peak MB per rank")
     for name, r in results.items():
         peaks = " / ".join(f"{p:.0f}" for p in r["peak_mb"])

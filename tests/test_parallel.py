@@ -170,6 +170,9 @@ def test_layout_errors_are_one_line(text_file, tmp_path, capsys, monkeypatch):
     cfg = build_config({"model": {"preset": "tiny", "tie_embeddings": False}})
     with pytest.raises(LmforgeError, match="pp=3 is more stages than model.n_layer=2"):
         check_pipeline(cfg, 3)
+    with pytest.raises(LmforgeError, match="1f1b needs train.grad_accum_steps >= pp"):
+        check_pipeline(cfg, 2)  # 1 micro-batch per step
+    cfg.train.grad_accum_steps = 2
     cfg.model.tie_embeddings = True
     with pytest.raises(LmforgeError, match="needs model.tie_embeddings=false"):
         check_pipeline(cfg, 2)

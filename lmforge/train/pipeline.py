@@ -74,6 +74,12 @@ def check_pipeline(cfg, stages: int) -> None:
             "train.parallel.pp > 1 needs model.tie_embeddings=false: the embedding sits on the "
             "first stage and the head on the last"
         )
+    t = cfg.train
+    if t.parallel.pp_schedule == "1f1b" and (t.grad_accum_steps < stages or t.batch_ramp_interval):
+        raise LmforgeError(
+            f"train.parallel.pp_schedule=1f1b needs train.grad_accum_steps >= pp ({stages}) "
+            "micro-batches in every step (and no batch ramp); raise it or use gpipe"
+        )
     if cfg.data.within_document or cfg.train.objective != "causal":
         raise LmforgeError(
             "train.parallel.pp > 1 trains plain causal windows: it cannot pass "
@@ -100,9 +106,8 @@ class Pipeline:
         time (its buffers per micro-batch): a new count or mode (an evaluation between
         training steps, a batch ramp) gets a new schedule, which lays the stage out again."""
         if self._current is None or self._current[0] != (n, train):
-            schedule = self.schedule_cls(
-                self.stage, n_microbatches=n, loss_fn=self._loss, scale_grads=False
-            )
+            cls = self.schedule_cls if train else ScheduleGPipe  # forward only: the same
+            schedule = cls(self.stage, n_microbatches=n, loss_fn=self._loss, scale_grads=False)
             self._current = ((n, train), schedule)
         return self._current[1]
 
