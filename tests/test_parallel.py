@@ -12,16 +12,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmforge.cli import main
 from lmforge.common import LmforgeError
 from lmforge.config import ParallelConfig, build_config
 from lmforge.data.loader import bundled_text_path
+from lmforge.model.gpt import GPT
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import init_distributed
+from lmforge.train.optim import build_optimizers
 from lmforge.train.pipeline import check_pipeline, stage_layers
 
 GLOBAL_BATCH = 8  # sequences per optimizer step, whatever the world size
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +113,15 @@ def test_fsdp_matches_one_process_and_reshards_4_2_1(text_file, single, tmp_path
     assert sorted(p.name for p in (step_2 / ckpt.SHARDED).glob("*.distcp")) == [
         f"__{r}_0.distcp" for r in range(4)
     ]
-    full, _ = ckpt.load(step_2)  # the gathered weights load anywhere
-    assert full.num_params() > 0
+    # the gathered model.safetensors holds what the shards hold, and exports as one file
+    exported = tmp_path / "exported"
+    assert main(["export", f"--checkpoint={step_2}", "--format=lmforge", f"--out={exported}"]) == 0
+    assert not (exported / ckpt.SHARDED).exists()
+    cfg = build_config(step_2 / "config.yaml")
+    from_shards = GPT(cfg.model)
+    ckpt.load_sharded_state(step_2, from_shards, build_optimizers(from_shards, cfg.train, CPU))
+    gathered = ckpt.load(exported)[0].state_dict()
+    assert all(torch.equal(t, gathered[n]) for n, t in from_shards.state_dict().items())
 
     _point_latest(run, 2)  # resume at 2 processes, 2 shards
     resume = [f"--resume={run}", shard(2), f"--train.micro_batch_size={GLOBAL_BATCH // 4}"]
