@@ -23,6 +23,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.experimental import implicit_replication
 from torch.nn.parallel import DistributedDataParallel
 
 from lmforge.common import LmforgeError
@@ -182,6 +183,29 @@ def _fsdp_no_sync(module: FSDPModule):
         yield
     finally:
         module.set_requires_gradient_sync(True)
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, across_ranks: bool) -> float:
+    """torch's clip_grad_norm_ for parameters split every way lmforge splits them: plain
+    tensors, DTensors on one or several meshes (FSDP, TP, both: each mesh's norm is reduced
+    over its own ranks), and with across_ranks a pipeline stage's share of the model (the
+    stages' squared norms summed over all ranks). Returns the global norm, the same on
+    every rank."""
+    grads = [p.grad for p in params if p.grad is not None]
+    by_mesh: dict[object, list[torch.Tensor]] = {}
+    for g in grads:
+        by_mesh.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
+    if len(by_mesh) <= 1 and not across_ranks:  # one kind: torch's own, exactly
+        return local_value(torch.nn.utils.clip_grad_norm_(params, max_norm)).item()
+    squares = torch.zeros((), dtype=torch.float64)
+    for group in by_mesh.values():
+        squares += local_value(torch.nn.utils.get_total_norm(group)).double().cpu().square()
+    if across_ranks:
+        squares = all_reduce_sum(squares)
+    total = squares.sqrt().float()
+    with implicit_replication():  # the plain scale multiplies DTensor gradients too
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total.item()
 
 
 def local_value(t: torch.Tensor) -> torch.Tensor:

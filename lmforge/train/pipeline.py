@@ -23,7 +23,6 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from lmforge.common import LmforgeError
 from lmforge.model.gpt import GPT, compute_dtype
-from lmforge.train.distributed import all_reduce_sum
 from lmforge.train.losses import Batch, CausalLMLoss
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -113,15 +112,6 @@ class Pipeline:
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.loss.cross_entropy(logits, labels) / self._scale
-
-    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> float:
-        """clip_grad_norm_ over every stage's gradients: the global norm (the same on every
-        rank) from each stage's own, and each stage's gradients scaled by it."""
-        grads = [p.grad for p in params if p.grad is not None]
-        own = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        total = all_reduce_sum(own.double().square()).sqrt().to(own.dtype)
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-        return total.item()
 
     def run(self, batches: list[Batch], units_total: float, train: bool) -> dict[str, torch.Tensor]:
         """Forward (and with train, backward) the micro-batches through the pipeline. Returns

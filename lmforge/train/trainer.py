@@ -43,7 +43,7 @@ from lmforge.train.distributed import (
     all_reduce_max,
     all_reduce_sum,
     barrier,
-    local_value,
+    clip_grad_norm,
     no_sync,
     parallelize,
 )
@@ -175,10 +175,7 @@ class Trainer:
         for opt in self.optimizers:
             self.scaler.unscale_(opt)
         max_norm = self.tcfg.grad_clip if self.tcfg.grad_clip > 0 else math.inf
-        if self.pipeline is not None:
-            grad_norm = self.pipeline.clip_grad_norm(self.params, max_norm)
-        else:
-            grad_norm = local_value(torch.nn.utils.clip_grad_norm_(self.params, max_norm)).item()
+        grad_norm = clip_grad_norm(self.params, max_norm, across_ranks=self.pipeline is not None)
         row["grad_norm"] = grad_norm
         finite = math.isfinite(row["loss"]) and (
             math.isfinite(grad_norm) or self.precision == "fp16"  # the scaler skips those
