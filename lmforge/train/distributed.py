@@ -135,7 +135,10 @@ def parallelize(model: nn.Module, train_cfg, info: DistInfo, precision: str = "f
         shard_model(model, info, train_cfg.parallel, precision)
     elif info.dp_size > 1:
         device_ids = [info.device.index] if info.device.type == "cuda" else None
-        wrapped = DistributedDataParallel(wrapped, device_ids=device_ids)
+        # gradients as views of the all-reduce buckets: no second copy of every gradient
+        wrapped = DistributedDataParallel(
+            wrapped, device_ids=device_ids, gradient_as_bucket_view=True
+        )
     return wrapped
 
 
