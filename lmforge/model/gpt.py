@@ -252,6 +252,11 @@ class Attention(nn.Module):
     def forward(self, x, rope, mask, kv_cache: KVCache | None, prefix_kv=None) -> torch.Tensor:
         """prefix_kv (2, nkv, P, hd): this layer's Prefix keys/values, put before every row's."""
         B, T, _ = x.shape
+        # Under autocast each Linear casts its fp32 input for itself and saves that copy for its
+        # backward: cast once, so that q, k and v share one copy, as one fused Linear had it
+        # (their input gradients then add up in bf16, not fp32: measured against fp32
+        # gradients, no less accurate). A no-op in fp32.
+        x = x.to(compute_dtype(x))
         q = self.q(x).view(B, T, -1, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k(x).view(B, T, -1, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v(x).view(B, T, -1, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
@@ -291,6 +296,7 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(compute_dtype(x))  # one autocast copy for gate and up (Attention.forward)
         if self.kind == "swiglu":
             h = F.silu(self.gate(x)) * self.up(x)  # (B, T, hidden)
         elif self.kind == "relu2":
