@@ -26,6 +26,7 @@ from lmforge.model.peft import (
     peft_parameters,
     save_adapter,
     trainable_share,
+    unfused_targets,
 )
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import DistInfo
@@ -194,6 +195,9 @@ def test_adapter_of_the_fused_layout_loads(tmp_path, fused_layout):
     x = tokens()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), merged(x))
+    old = ["*.attn.qkv", "mlp.gate_up", "attn.proj", "mlp.*"]  # as config.yaml files hold them
+    want = ["*.attn.q", "*.attn.k", "*.attn.v", "mlp.gate", "mlp.up", "attn.proj", "mlp.*"]
+    assert unfused_targets(old) == want
 
 
 def test_adapter_on_the_wrong_base_is_refused(tmp_path):
