@@ -448,9 +448,11 @@ class PeftConfig:
     """lora: the update is scaled by alpha / rank."""
     dropout: float = 0.0
     """lora: dropout on the adapter's input."""
-    targets: list[str] = field(default_factory=lambda: ["attn.qkv", "attn.proj"])
+    targets: list[str] = field(default_factory=lambda: ["attn.q", "attn.k", "attn.v", "attn.proj"])
     """lora: Linear layers to adapt, by name pattern (fnmatch on the module name, e.g.
-    'attn.*', '*.mlp.proj'); a pattern without '*' matches names ending with it."""
+    'attn.*', '*.mlp.proj'); a pattern without '*' matches names ending with it. A block's
+    Linears: attn.q, attn.k, attn.v, attn.proj; mlp.fc (or SwiGLU's mlp.gate and mlp.up),
+    mlp.proj."""
     num_virtual_tokens: int = 16
     """prefix: learned key/value positions per layer; ptuning: learned input embeddings."""
     encoder_hidden: int = 16

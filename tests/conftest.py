@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from lmforge.config import build_config, model_config
-from lmforge.model.gpt import GPT
+from lmforge.model.gpt import FUSED, GPT
 from lmforge.model.heads import RewardModel
 from lmforge.train.checkpoint import save_checkpoint
 
@@ -46,3 +47,24 @@ def save_reward_model():
         return save_checkpoint(folder, model, cfg, tokenizer)
 
     return save
+
+
+@pytest.fixture(scope="session")
+def fused_layout():
+    """fused_layout(state): a state dict in the layout lmforge wrote before attention's q, k, v
+    and SwiGLU's gate, up were separate Linears, their rows stacked into attn.qkv and
+    mlp.gate_up (any key prefix and suffix: a head's backbone., torchao's flattened parts)."""
+
+    def fuse(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = dict(state)
+        for fused, parts in FUSED.items():
+            parent = fused.split(".")[0]
+            for key in state:
+                match = re.fullmatch(rf"(.*\.)?{parent}\.{parts[0]}\.(.+)", key)
+                if match:
+                    prefix, rest = match[1] or "", match[2]
+                    rows = [out.pop(f"{prefix}{parent}.{part}.{rest}") for part in parts]
+                    out[f"{prefix}{fused}.{rest}"] = torch.cat(rows)
+        return out
+
+    return fuse

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import lmforge
 from lmforge.cli import main
-from lmforge.compress.quantize import pack_int4, quantize_model, unpack_int4
+from lmforge.compress.quantize import QUANTIZED, pack_int4, quantize_model, unpack_int4
 from lmforge.config import QuantizeConfig, build_config
 from lmforge.model.gpt import GPT
 from lmforge.tokenizer import CharTokenizer
@@ -52,7 +57,7 @@ def test_int8_logits_within_three_percent_of_float(tmp_path, tie):
         want = model(x)
         got = quantize_model(model, QuantizeConfig("int8"))(x)
     assert (got - want).abs().max() <= 0.03 * want.abs().max()
-    assert type(model.blocks[0].attn.qkv.weight).__name__ == "Int8Tensor"  # torchao's
+    assert type(model.blocks[0].attn.q.weight).__name__ == "Int8Tensor"  # torchao's
 
 
 @pytest.mark.parametrize(
@@ -85,6 +90,38 @@ def test_quantized_checkpoint_round_trips(tmp_path, capsys, method, group, activ
     code, err = cli(capsys, "generate", "--checkpoint", str(tmp_path / "q"), "--prompt", "First",
                     "--max-new-tokens", "5", "--device", "cpu")  # fmt: skip
     assert code == 0, err
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_checkpoint_of_the_fused_layout_loads(tmp_path, capsys, fused_layout, method):
+    """A quantized checkpoint written while q, k, v were one Linear attn.qkv and SwiGLU's gate,
+    up one mlp.gate_up: torchao's parts of those weights (integer values, scales, zero points;
+    rows are the weight's rows) split into the separate Linears, the same logits bitwise."""
+    _, tok = float_checkpoint(tmp_path / "f")
+    args = ["--method", method, "--group-size", "32", "--out", str(tmp_path / "q")]
+    assert cli(capsys, "quantize", "--checkpoint", str(tmp_path / "f"), *args)[0] == 0
+    x = ids(tok.vocab_size)
+    with torch.no_grad():
+        want = lmforge.load(tmp_path / "q")[0](x)
+
+    path = str(tmp_path / "q" / "model.safetensors")
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+
+    def old(name: str) -> str | None:  # a weight's name in the fused layout; None: k, v, up
+        if re.search(r"\.(attn\.[kv]|mlp\.up)\.", name):
+            return None
+        return name.replace(".attn.q.", ".attn.qkv.").replace(".mlp.gate.", ".mlp.gate_up.")
+
+    metadata = {old(k): v for k, v in metadata.items() if old(k)}  # torchao's type per weight
+    info = json.loads(metadata[QUANTIZED])
+    info["int4_packed"] = [old(k) for k in info["int4_packed"] if old(k)]
+    metadata[QUANTIZED] = json.dumps(info)
+    tensors = fused_layout(load_file(path))
+    assert "blocks.0.attn.qkv._weight_qdata" in tensors
+    save_file(tensors, path, metadata=metadata)
+    with torch.no_grad():
+        assert torch.equal(lmforge.load(tmp_path / "q")[0](x), want)
 
 
 def test_int4_packs_two_values_per_byte():

@@ -1,13 +1,18 @@
-"""The decoder: causality, KV-cache parity, padding masks, sizes, training sanity, bad configs."""
+"""The decoder: causality, KV-cache parity, padding masks, sizes, training sanity, bad configs,
+init and checkpoints of the layout with fused qkv and gate_up."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+import lmforge
 from lmforge.common import LmforgeError
-from lmforge.config import model_config
+from lmforge.config import build_config, model_config
 from lmforge.model.gpt import GPT, KVCache
+from lmforge.model.heads import RewardModel
+from lmforge.train.checkpoint import save_checkpoint
 
 V = 65  # shakespeare-char's vocabulary
 
@@ -286,6 +291,46 @@ def test_model_built_on_meta_takes_weights_without_init(monkeypatch, tie):
     x = random_ids(2, 16)
     with torch.no_grad():
         assert torch.equal(model(x), ref(x))
+
+
+def test_init_draws_q_k_v_as_one_matrix():
+    """q, k and v (and gate, up) come from one draw of their stacked rows, so a seed gives the
+    weights it gave when they were one Linear, at widths where separate draws would not."""
+    cfg = model_config(
+        preset="llama-tiny", vocab_size=V, n_layer=1, d_model=30, n_head=3, n_kv_head=1
+    )
+    model = GPT(cfg)
+    torch.manual_seed(0)  # from here on only init_weights draws (modules draw when built)
+    model.init_weights()
+    torch.manual_seed(0)
+    torch.empty(V, 30).normal_(std=cfg.init_std)  # wte, drawn first
+    qkv = torch.empty(30 + 2 * 10, 30).normal_(std=cfg.init_std)  # attention comes next
+    attn = model.blocks[0].attn
+    assert torch.equal(torch.cat([attn.q.weight, attn.k.weight, attn.v.weight]), qkv)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_checkpoints_of_the_fused_layout_load(tmp_path, fused_layout, preset):
+    """A checkpoint written while q, k, v were one Linear attn.qkv (and SwiGLU's gate, up one
+    mlp.gate_up) loads, the fused rows split into the separate Linears: the same logits. A
+    head's checkpoint (copied into a built model, not assigned) too."""
+    torch.manual_seed(0)
+    fields = {"preset": preset, "vocab_size": V}
+    model = GPT(model_config(**fields)).eval()
+    reward = RewardModel(GPT(model_config(**fields))).eval()
+    for name, module, run in (("lm", model, {}), ("reward", reward, {"head": "reward"})):
+        folder = save_checkpoint(
+            tmp_path / name, module, build_config({"model": fields, "run": run}), None
+        )
+        weights = folder / "model.safetensors"
+        old = fused_layout(load_file(weights))
+        assert any(".attn.qkv." in key for key in old)
+        assert (".mlp.gate_up." in " ".join(old)) == (preset == "llama-tiny")
+        save_file(old, weights)
+        loaded, _ = lmforge.load(folder)
+        ids = random_ids(2, 12)
+        with torch.no_grad():
+            assert torch.equal(loaded(ids), module(ids))
 
 
 def test_return_hidden_gives_what_the_head_reads():

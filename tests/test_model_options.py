@@ -5,6 +5,8 @@ exact; bad values and Hugging Face export are refused with one clear error.
 The golden logits in tests/data were written by the decoder as it was before these options
 (lmforge/model as at git 13c8ca9), in a subprocess with the numerics pinned (PINNED_ENV); to rewrite them after a
 deliberate change of the default model: `python tests/test_model_options.py` under PINNED_ENV.
+Its metadata, the state-dict names, was rewritten alone (tensors kept) when attention's qkv and
+SwiGLU's gate_up became separate Linears: the same logits, bitwise, under the new names.
 """
 
 from __future__ import annotations

@@ -154,7 +154,7 @@ def test_pipeline_matches_one_process(schedule, text_file, single_untied, tmp_pa
     run = tmp_path / "pp"
     _assert_close(_losses(run), single_untied, range(0, 7))
     names = ckpt.load(run / "checkpoints" / "step_0000002")[0].state_dict().keys()
-    assert "blocks.0.attn.qkv.weight" in names and "blocks.1.attn.qkv.weight" in names
+    assert "blocks.0.attn.q.weight" in names and "blocks.1.attn.q.weight" in names
 
     _point_latest(run, 2)
     assert main(["train", f"--resume={run}", "--train.parallel.pp=1"]) == 0

@@ -4,15 +4,20 @@ files, generate the same with and without the KV cache, and refuse bad input in 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file, save_file
 
 from lmforge.common import LmforgeError
 from lmforge.config import PeftConfig, build_config, model_config
 from lmforge.data.loader import RandomWindowLoader
 from lmforge.engine import Engine, SamplingParams
-from lmforge.model.gpt import GPT
+from lmforge.model.gpt import GPT, split_fused
 from lmforge.model.peft import (
+    ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     LoRALinear,
     apply_peft,
@@ -21,6 +26,7 @@ from lmforge.model.peft import (
     peft_parameters,
     save_adapter,
     trainable_share,
+    unfused_targets,
 )
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import DistInfo
@@ -31,7 +37,9 @@ V = 65
 # An untied head and a larger init: random models whose greedy output depends on context.
 BASE = dict(preset="tiny", vocab_size=V, tie_embeddings=False, init_std=0.1)
 METHODS = {
-    "lora": PeftConfig(method="lora", rank=4, targets=["attn.qkv", "attn.proj", "mlp.*"]),
+    "lora": PeftConfig(
+        method="lora", rank=4, targets=["attn.q", "attn.k", "attn.v", "attn.proj", "mlp.*"]
+    ),
     "prefix": PeftConfig(method="prefix", num_virtual_tokens=4),
     "ptuning": PeftConfig(method="ptuning", num_virtual_tokens=4),
     "ptuning_lstm": PeftConfig(method="ptuning", num_virtual_tokens=4, encoder="lstm"),
@@ -70,7 +78,7 @@ def test_lora_with_zero_b_is_the_base_model():
     base = model(x)
     module = apply_peft(model, METHODS["lora"])
     assert module is model
-    assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 2 * 4
+    assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 2 * 7  # 4 attn, 3 mlp
     assert (module(x) - base).abs().max() <= 1e-6
 
 
@@ -79,17 +87,17 @@ def test_merged_and_unmerged_lora_agree():
     perturb(model)
     x = tokens()
     unmerged = model(x)
-    qkv = model.blocks[0].attn.qkv
-    weight_before = qkv.base.weight.clone()
+    q = model.blocks[0].attn.q
+    weight_before = q.base.weight.clone()
     for m in model.modules():
         if isinstance(m, LoRALinear):
             m.merge()
     assert (model(x) - unmerged).abs().max() <= 1e-5
-    assert not torch.equal(qkv.base.weight, weight_before)
+    assert not torch.equal(q.base.weight, weight_before)
     for m in model.modules():
         if isinstance(m, LoRALinear):
             m.unmerge()
-    assert (qkv.base.weight - weight_before).abs().max() <= 1e-6  # restored up to rounding
+    assert (q.base.weight - weight_before).abs().max() <= 1e-6  # restored up to rounding
     assert (model(x) - unmerged).abs().max() <= 1e-5
 
     plain = merge_lora(model)  # a plain GPT again: an ordinary checkpoint's names and shapes
@@ -154,6 +162,42 @@ def test_adapter_round_trip(method, tmp_path):
     assert trained == {id(p) for p in peft_parameters(loaded)}
     adapter_bytes = (tmp_path / "adapter" / ADAPTER_WEIGHTS).stat().st_size
     assert adapter_bytes < (base_dir / ckpt.WEIGHTS).stat().st_size / 5
+
+
+def test_adapter_of_the_fused_layout_loads(tmp_path, fused_layout):
+    """A LoRA adapter saved while q, k, v were one Linear attn.qkv and SwiGLU's gate, up one
+    mlp.gate_up (its targets name them; one A served all the parts, B stacked their rows), on
+    a base of that layout: it loads onto the separate Linears and computes what it did."""
+    fields = dict(BASE, pos_encoding="rope", n_head=4, n_kv_head=2, mlp="swiglu", bias=False)
+    model = make_model(**fields).eval()
+    base_dir = ckpt.save_checkpoint(tmp_path / "base", model, build_config({"model": fields}), None)
+    weights = base_dir / ckpt.WEIGHTS
+    save_file(fused_layout(load_file(weights)), weights)
+    sha = ckpt.weights_sha256(base_dir)
+    cfg = PeftConfig(method="lora", rank=4, targets=["attn.qkv", "mlp.gate_up"])
+    gen = torch.Generator().manual_seed(3)
+    fused = fused_layout(model.state_dict())
+    adapter = {}
+    for name in (f"blocks.{i}.{m}" for i in range(2) for m in ("attn.qkv", "mlp.gate_up")):
+        rows, d = fused[f"{name}.weight"].shape
+        a, b = torch.randn(4, d, generator=gen), torch.randn(rows, 4, generator=gen) * 0.1
+        adapter |= {f"{name}.lora_A": a, f"{name}.lora_B": b}
+        fused[f"{name}.weight"] += b @ a * cfg.alpha / cfg.rank  # what merging did
+    (tmp_path / "adapter").mkdir()
+    save_file(adapter, str(tmp_path / "adapter" / ADAPTER_WEIGHTS))
+    meta = {"base_sha256": sha, "peft": dataclasses.asdict(cfg)}
+    (tmp_path / "adapter" / ADAPTER_CONFIG).write_text(yaml.safe_dump(meta))
+
+    merged = make_model(**fields).eval()
+    merged.load_state_dict(split_fused(fused, merged.config))
+    loaded = load_adapter(ckpt.load(base_dir)[0], tmp_path / "adapter", sha).eval()
+    assert sum(isinstance(m, LoRALinear) for m in loaded.modules()) == 2 * 5
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), merged(x))
+    old = ["*.attn.qkv", "mlp.gate_up", "attn.proj", "mlp.*"]  # as config.yaml files hold them
+    want = ["*.attn.q", "*.attn.k", "*.attn.v", "mlp.gate", "mlp.up", "attn.proj", "mlp.*"]
+    assert unfused_targets(old) == want
 
 
 def test_adapter_on_the_wrong_base_is_refused(tmp_path):
@@ -227,22 +271,23 @@ def test_generation_with_and_without_cache_and_padding(method, variant):
 def test_lora_target_that_matches_nothing_is_one_clear_line():
     model = make_model()
     with pytest.raises(LmforgeError, match="'attn.q_proj' matches no Linear") as err:
-        apply_peft(model, PeftConfig(method="lora", targets=["attn.qkv", "attn.q_proj"]))
-    assert "blocks.0.attn.qkv" in one_line(err)
+        apply_peft(model, PeftConfig(method="lora", targets=["attn.q", "attn.q_proj"]))
+    assert "blocks.0.attn.q," in one_line(err)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())  # left as it was
     assert all(p.requires_grad for p in model.parameters())
 
 
 def test_trainable_shares_by_hand():
     """llama-tiny at V=65: d 64, 4 query and 2 kv heads of 16, SwiGLU hidden 192, 2 layers."""
-    d, qkv_out, L, P, H = 64, (4 + 2 * 2) * 16, 2, 16, 128
-    per_layer = 2 * d + d * qkv_out + d * d + d * 2 * 192 + 192 * d  # norms, attn, mlp
+    d, q, kv, L, P, H = 64, 4 * 16, 2 * 16, 2, 16, 128
+    per_layer = 2 * d + d * (q + 2 * kv) + d * d + d * 2 * 192 + 192 * d  # norms, attn, mlp
     base = 2 * V * d + L * per_layer + d  # untied embedding and head, final norm
     assert make_model(preset="llama-tiny").num_params() == base == 106_944
 
     lora = apply_peft(make_model(preset="llama-tiny"), PeftConfig(method="lora", rank=8))
-    lora_params = L * 8 * ((d + qkv_out) + (d + d))  # A (r, in) and B (out, r): attn.qkv, attn.proj
-    assert trainable_share(lora) == (lora_params, base + lora_params) == (5120, 112_064)
+    # A (r, in) and B (out, r) of attn.q, attn.k, attn.v, attn.proj
+    lora_params = L * 8 * ((d + q) + 2 * (d + kv) + (d + d))
+    assert trainable_share(lora) == (lora_params, base + lora_params) == (7168, 114_112)
 
     kv = L * 2 * 2 * 16  # every layer's keys and values
     prefix = P * d + (d * H + H) + (H * kv + kv)  # embeddings, MLP d -> H -> kv

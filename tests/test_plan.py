@@ -52,7 +52,7 @@ def _bytes(tensors) -> int:
 
 def saved_bytes(model: GPT, batch, precision: str) -> int:
     """Bytes of the storages autograd keeps for the backward of one forward + loss, each
-    storage once (q, k, v are views of one qkv output), parameters left out. Under
+    storage once (however many views of it are saved), parameters left out. Under
     checkpointing, torch.utils.checkpoint saves a block's tensor arguments but keeps the rest
     (the RoPE cos/sin tuple) by reference for the recompute: a pre-hook counts those."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}

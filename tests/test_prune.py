@@ -65,17 +65,17 @@ def cli(capsys, *argv: str) -> tuple[int, str]:
 def zero_groups(model: GPT, groups: list[int]) -> None:
     """Silence these kv groups of every layer: the output columns of their query heads in even
     layers, their value rows (and biases) in odd ones."""
+    cfg = model.config
+    g, hd = cfg.n_head // cfg.kv_heads, cfg.head_dim
     for i, block in enumerate(model.blocks):
         a = block.attn
-        g = a.nh // a.nkv
         for j in groups:
             if i % 2 == 0:
-                a.proj.weight[:, j * g * a.hd : (j + 1) * g * a.hd] = 0
+                a.proj.weight[:, j * g * hd : (j + 1) * g * hd] = 0
             else:
-                rows = slice((a.nh + a.nkv + j) * a.hd, (a.nh + a.nkv + j + 1) * a.hd)
-                a.qkv.weight[rows] = 0
-                if a.qkv.bias is not None:
-                    a.qkv.bias[rows] = 0
+                a.v.weight[j * hd : (j + 1) * hd] = 0
+                if a.v.bias is not None:
+                    a.v.bias[j * hd : (j + 1) * hd] = 0
 
 
 @torch.no_grad()
@@ -87,7 +87,7 @@ def zero_channels(model: GPT, channels: list[int]) -> None:
         if i % 2 == 0:
             mlp.proj.weight[:, channels] = 0
         else:
-            fc = mlp.gate_up if mlp.kind == "swiglu" else mlp.fc
+            fc = mlp.gate if mlp.kind == "swiglu" else mlp.fc
             fc.weight[channels] = 0
             if fc.bias is not None:
                 fc.bias[channels] = 0
@@ -170,7 +170,7 @@ def test_magnitude_zeros_survive_a_recovery_fine_tune(tmp_path, capsys):
 def test_low_rank_at_full_rank_reproduces_the_logits(style):
     model = make(**STYLES[style])
     full = low_rank(model, rank=model.config.ffn_dim)
-    assert isinstance(full.blocks[0].attn.qkv, torch.nn.Sequential)
+    assert isinstance(full.blocks[0].attn.q, torch.nn.Sequential)
     with torch.no_grad():
         assert (full(ids()) - model(ids())).abs().max() <= 1e-4
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from lmforge.cli import main
 from lmforge.config import build_config
@@ -226,7 +227,7 @@ def test_every_trainable_parameter_in_exactly_one_group(text_file, tmp_path, opt
     cfg = tiny_cfg(text_file, tmp_path, optimizer=optimizer)
     cfg.model.vocab_size = 65
     model = GPT(cfg.model)  # the tiny preset ties lm_head to the token embedding
-    model.blocks[0].attn.qkv.weight.requires_grad_(False)  # frozen: in no group
+    model.blocks[0].attn.q.weight.requires_grad_(False)  # frozen: in no group
     optimizers = build_optimizers(model, cfg.train, torch.device("cpu"))
     adamw = optimizers[-1]
     assert isinstance(adamw, torch.optim.AdamW)
@@ -234,9 +235,7 @@ def test_every_trainable_parameter_in_exactly_one_group(text_file, tmp_path, opt
     grouped = [id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]]
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert len(grouped) == len(set(grouped)) == len(trainable) and set(grouped) == trainable
-    assert (
-        id(model.lm_head.weight) in grouped and id(model.blocks[0].attn.qkv.weight) not in grouped
-    )
+    assert id(model.lm_head.weight) in grouped and id(model.blocks[0].attn.q.weight) not in grouped
     decay, no_decay = adamw.param_groups
     assert all(p.dim() >= 2 for p in decay["params"]) and all(
         p.dim() < 2 for p in no_decay["params"]
@@ -670,6 +669,25 @@ def test_existing_run_is_never_overwritten(text_file, tmp_path, capsys):
     before = (tmp_path / "keep" / "metrics.jsonl").read_text()
     assert "already exists" in _error_line(capsys, argv)
     assert (tmp_path / "keep" / "metrics.jsonl").read_text() == before
+
+
+def test_a_run_of_the_fused_layout_is_not_resumed(text_file, tmp_path, capsys, fused_layout):
+    """A run saved while q, k, v were one Linear (attn.qkv): its weights load (test_model.py),
+    but its optimizer holds one state where the model now has three, so --resume says so."""
+    argv = [
+        "train",
+        f"--data.path={text_file}",
+        "--model.preset=tiny",
+        f"--run.dir={tmp_path}",
+        "--run.name=old",
+        "--train.max_steps=1",
+        "--run.tensorboard=false",
+        "--run.sample_tokens=0",
+    ]
+    assert main(argv) == 0
+    weights = ckpt.latest_checkpoint(tmp_path / "old") / "model.safetensors"
+    save_file(fused_layout(load_file(weights)), weights)
+    assert "cannot be resumed" in _error_line(capsys, ["train", f"--resume={tmp_path / 'old'}"])
 
 
 def test_every_shipped_config_parses():

@@ -4,8 +4,8 @@ norm (Eckart-Young). The config records r (model.low_rank), so GPT builds the sa
 when the checkpoint loads (lmforge/model/gpt.py, block_linear).
 
 One r serves every matrix, capped at each one's full rank min(in, out). A factorisation saves
-parameters only where r * (in + out) < in * out: below d/2 for the d x d attention output,
-0.75d for the fused qkv of MHA, 0.8d for a 4d-wide MLP.
+parameters only where r * (in + out) < in * out: below d/2 for the d x d attention matrices
+(q, k, v under MHA, and the output), 0.8d for a 4d-wide MLP.
 """
 
 from __future__ import annotations

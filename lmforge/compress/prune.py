@@ -107,12 +107,13 @@ def _removed(fraction: float, total: int, what: str, flag: str) -> int:
 
 def group_importance(attn: nn.Module) -> torch.Tensor:
     """(nkv,) norm of each kv group's output-value circuit (module docstring)."""
-    nh, nkv, hd = attn.nh, attn.nkv, attn.hd
-    v_rows = slice((nh + nkv) * hd, (nh + 2 * nkv) * hd)
-    w_v = attn.qkv.weight[v_rows].view(nkv, hd, -1)  # (nkv, hd, d)
-    if attn.qkv.bias is not None:
-        w_v = torch.cat([w_v, attn.qkv.bias[v_rows].view(nkv, hd, 1)], dim=-1)  # (nkv, hd, d+1)
-    w_o = attn.proj.weight.view(-1, nkv, nh // nkv, hd)  # (d, nkv, g, hd): query h = j*g + i
+    hd = attn.hd
+    nkv = attn.v.weight.size(0) // hd
+    w_v = attn.v.weight.view(nkv, hd, -1)  # (nkv, hd, d)
+    if attn.v.bias is not None:
+        w_v = torch.cat([w_v, attn.v.bias.view(nkv, hd, 1)], dim=-1)  # (nkv, hd, d+1)
+    d = attn.proj.weight.size(0)
+    w_o = attn.proj.weight.view(d, nkv, -1, hd)  # (d, nkv, g, hd): query h = j*g + i
     circuit = torch.einsum("djih,jhe->jide", w_o, w_v)  # (nkv, g, d, d or d+1)
     return circuit.flatten(1).norm(dim=1)
 
@@ -120,18 +121,16 @@ def group_importance(attn: nn.Module) -> torch.Tensor:
 def channel_importance(mlp: nn.Module) -> torch.Tensor:
     """(hidden,) importance of each MLP hidden channel (module docstring)."""
 
-    def row_norms(linear: nn.Linear, rows: slice) -> torch.Tensor:  # (hidden,)
-        w = linear.weight[rows]
+    def row_norms(linear: nn.Linear) -> torch.Tensor:  # (hidden,)
+        w = linear.weight
         if linear.bias is not None:
-            w = torch.cat([w, linear.bias[rows, None]], dim=1)
+            w = torch.cat([w, linear.bias[:, None]], dim=1)
         return w.norm(dim=1)
 
-    hidden = mlp.proj.weight.size(1)
     score = mlp.proj.weight.norm(dim=0)  # (hidden,) output columns
     if mlp.kind == "swiglu":
-        gate, up = slice(0, hidden), slice(hidden, 2 * hidden)
-        return score * row_norms(mlp.gate_up, gate) * row_norms(mlp.gate_up, up)
-    return score * row_norms(mlp.fc, slice(0, hidden))
+        return score * row_norms(mlp.gate) * row_norms(mlp.up)
+    return score * row_norms(mlp.fc)
 
 
 def _kept(score: torch.Tensor, n_removed: int) -> torch.Tensor:
@@ -172,17 +171,16 @@ def structured_prune(model: GPT, heads_fraction: float, ffn_fraction: float) -> 
         heads = (groups[:, None] * g + torch.arange(g)).flatten()  # (nh',) query heads kept
         dims = torch.arange(hd)
         q_rows = (heads[:, None] * hd + dims).flatten()  # (nh' * hd,)
-        k_rows = nh * hd + (groups[:, None] * hd + dims).flatten()  # (nkv' * hd,)
-        v_rows = k_rows + nkv * hd
-        _rows(f"blocks.{i}.attn.qkv", torch.cat([q_rows, k_rows, v_rows]), state, sd)
+        kv_rows = (groups[:, None] * hd + dims).flatten()  # (nkv' * hd,)
+        _rows(f"blocks.{i}.attn.q", q_rows, state, sd)
+        _rows(f"blocks.{i}.attn.k", kv_rows, state, sd)
+        _rows(f"blocks.{i}.attn.v", kv_rows, state, sd)
         proj = f"blocks.{i}.attn.proj.weight"
         state[proj] = sd[proj][:, q_rows]  # (d, nh' * hd)
 
         channels = _kept(channel_importance(block.mlp), drop_channels)  # (hidden',)
-        if cfg.mlp == "swiglu":
-            _rows(f"blocks.{i}.mlp.gate_up", torch.cat([channels, channels + hidden]), state, sd)
-        else:
-            _rows(f"blocks.{i}.mlp.fc", channels, state, sd)
+        for linear in ("gate", "up") if cfg.mlp == "swiglu" else ("fc",):
+            _rows(f"blocks.{i}.mlp.{linear}", channels, state, sd)
         proj = f"blocks.{i}.mlp.proj.weight"
         state[proj] = sd[proj][:, channels]  # (d, hidden')
     return rebuild(new_cfg, state)

@@ -30,7 +30,7 @@ from torch import nn
 
 from lmforge.common import LmforgeError
 from lmforge.config import QuantizeConfig
-from lmforge.model.gpt import GPT
+from lmforge.model.gpt import GPT, split_fused, unfused_keys
 
 QUANTIZED = "lmforge_quantize"
 """Header key of a quantized model.safetensors: method and which tensors hold packed int4."""
@@ -157,7 +157,9 @@ def save_quantized(model: GPT, qcfg: QuantizeConfig, path: Path) -> None:
 
 
 def load_quantized(model: GPT, qcfg: QuantizeConfig, path: Path) -> GPT:
-    """A float GPT built from the checkpoint's config -> the quantized model the file holds."""
+    """A float GPT built from the checkpoint's config -> the quantized model the file holds
+    (written before qkv and gate_up were split, too: gpt.split_fused splits torchao's
+    flattened parts, whose rows are the weight's rows, and their names are renamed)."""
     _, _, st = _torchao()
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
@@ -166,9 +168,11 @@ def load_quantized(model: GPT, qcfg: QuantizeConfig, path: Path) -> GPT:
             f"{path} holds no quantized weights, but its config says quantize.method={qcfg.method}"
         )
     quantize_model(model, qcfg)
-    tensors = load_file(str(path))
-    for key in json.loads(metadata[QUANTIZED])["int4_packed"]:
-        tensors[key] = unpack_int4(tensors[key])
+    tensors = split_fused(load_file(str(path)), model.config)
+    metadata = {new: value for key, value in metadata.items() for new in unfused_keys(key)}
+    for packed in json.loads(metadata[QUANTIZED])["int4_packed"]:
+        for key in unfused_keys(packed):
+            tensors[key] = unpack_int4(tensors[key])
     state, leftover = st.unflatten_tensor_state_dict(tensors, metadata)
     if leftover:
         raise LmforgeError(f"{path}: unexpected tensors {sorted(leftover)[:3]}")

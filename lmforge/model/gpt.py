@@ -8,6 +8,7 @@ nh query heads, nkv key/value heads, hd head dim, d model dim, V vocab.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -228,12 +229,19 @@ def block_linear(cfg: ModelConfig, n_in: int, n_out: int) -> nn.Module:
 
 
 class Attention(nn.Module):
+    """Causal (or bidirectional) self-attention with nkv <= nh key/value heads. q, k and v are
+    separate Linears, as in Llama, so that tensor parallelism can give each rank whole heads
+    of each; forward reads head counts from its tensors, so a rank holding nh/tp query and
+    nkv/tp key/value heads runs the same code."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
-        self.nh, self.nkv, self.hd = cfg.n_head, cfg.kv_heads, cfg.head_dim
-        self.qkv = block_linear(cfg, cfg.d_model, (self.nh + 2 * self.nkv) * self.hd)
-        self.proj = block_linear(cfg, self.nh * self.hd, cfg.d_model)
+        nh, nkv, self.hd = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.q = block_linear(cfg, cfg.d_model, nh * self.hd)
+        self.k = block_linear(cfg, cfg.d_model, nkv * self.hd)
+        self.v = block_linear(cfg, cfg.d_model, nkv * self.hd)
+        self.proj = block_linear(cfg, nh * self.hd, cfg.d_model)
         # QK-norm: RMSNorm of each head's query and key, so that attention logits cannot grow
         # with the weights (a cause of loss spikes at high learning rates); None when off
         self.q_norm = HeadNorm(self.hd, eps=cfg.norm_eps) if cfg.qk_norm else None
@@ -244,12 +252,14 @@ class Attention(nn.Module):
     def forward(self, x, rope, mask, kv_cache: KVCache | None, prefix_kv=None) -> torch.Tensor:
         """prefix_kv (2, nkv, P, hd): this layer's Prefix keys/values, put before every row's."""
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1
-        )
-        q = q.view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        # Under autocast each Linear casts its fp32 input for itself and saves that copy for its
+        # backward: cast once, so that q, k and v share one copy, as one fused Linear had it
+        # (their input gradients then add up in bf16, not fp32: measured against fp32
+        # gradients, no less accurate). A no-op in fp32.
+        x = x.to(compute_dtype(x))
+        q = self.q(x).view(B, T, -1, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k(x).view(B, T, -1, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v(x).view(B, T, -1, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         if self.q_norm is not None:  # before RoPE and the cache: cached keys are normed too
             q, k = self.q_norm(q), self.k_norm(k)  # over hd; (B, nh, T, hd), (B, nkv, T, hd)
         if rope is not None:
@@ -265,12 +275,12 @@ class Attention(nn.Module):
                 pk, pv = prefix_kv.to(k.dtype)[:, None].expand(-1, B, -1, -1, -1)  # (B,nkv,P,hd)
                 k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (B, nkv, P+S, hd)
             y = attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)  # nh * hd = d unless pruned
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hd): d unless pruned
         return self.resid_drop(self.proj(y))
 
 
 class MLP(nn.Module):
-    """GPT-2's fc -> GELU -> proj, Llama's SwiGLU (gate and up fused into one matmul), or
+    """GPT-2's fc -> GELU -> proj, Llama's SwiGLU (silu(gate) * up -> proj), or
     fc -> ReLU squared -> proj (relu2: as cheap as GELU, trains faster in modded-nanogpt)."""
 
     def __init__(self, cfg: ModelConfig):
@@ -278,21 +288,77 @@ class MLP(nn.Module):
         self.kind = cfg.mlp
         hidden = cfg.ffn_dim
         if self.kind == "swiglu":
-            self.gate_up = block_linear(cfg, cfg.d_model, 2 * hidden)
+            self.gate = block_linear(cfg, cfg.d_model, hidden)
+            self.up = block_linear(cfg, cfg.d_model, hidden)
         else:
             self.fc = block_linear(cfg, cfg.d_model, hidden)
         self.proj = block_linear(cfg, hidden, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(compute_dtype(x))  # one autocast copy for gate and up (Attention.forward)
         if self.kind == "swiglu":
-            gate, up = self.gate_up(x).chunk(2, dim=-1)  # (B, T, hidden) each
-            h = F.silu(gate) * up
+            h = F.silu(self.gate(x)) * self.up(x)  # (B, T, hidden)
         elif self.kind == "relu2":
             h = F.relu(self.fc(x)).square()  # (B, T, hidden)
         else:
             h = F.gelu(self.fc(x), approximate="tanh" if self.kind == "gelu_tanh" else "none")
         return self.drop(self.proj(h))
+
+
+def stacked_linears(module: nn.Module) -> list[nn.Module]:
+    """An Attention's q, k, v or a SwiGLU MLP's gate, up: the Linears that were one until
+    tensor parallelism needed them apart (FUSED), which init_weights draws as one; [] for any
+    other module, and for low-rank factors (model.low_rank), which never were one."""
+    if isinstance(module, Attention):
+        group = [module.q, module.k, module.v]
+    elif isinstance(module, MLP) and module.kind == "swiglu":
+        group = [module.gate, module.up]
+    else:
+        return []
+    return group if all(isinstance(m, nn.Linear) for m in group) else []
+
+
+FUSED = {"attn.qkv": ("q", "k", "v"), "mlp.gate_up": ("gate", "up")}
+"""The Linears older lmforge fused, with the parts their rows stacked, in order."""
+_FUSED_KEY = re.compile(r"((?:.*\.)?)(attn\.qkv|mlp\.gate_up)\.(.+)")
+
+
+def unfused_keys(key: str) -> list[str]:
+    """The names a state-dict key of the fused layout has now, one per part
+    (`blocks.0.attn.qkv.weight` -> `blocks.0.attn.q.weight`, `...k.weight`, `...v.weight`);
+    [key] for any other key."""
+    match = _FUSED_KEY.fullmatch(key)
+    if match is None:
+        return [key]
+    prefix, fused, rest = match.groups()
+    parent = fused.split(".")[0]
+    return [f"{prefix}{parent}.{part}.{rest}" for part in FUSED[fused]]
+
+
+def split_fused(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A state dict written before q, k, v and gate, up were separate Linears (checkpoints,
+    adapters) -> today's names. A fused tensor's rows [q | k | v] or [gate | up] are split;
+    one on a fused Linear's input side (LoRA's lora_A, a low-rank model's first factor `0.`)
+    serves every part, each of which gets a copy. Parts are clones, so no two parameters
+    share memory. Other tensors pass through, so a state dict in today's layout is unchanged.
+    (A low-rank model whose rank exceeds a part's width, rare under GQA, does not fit: its
+    factors were shared by parts that now each have a lower rank.)"""
+    widths = {
+        "attn.qkv": [cfg.n_head * cfg.head_dim] + 2 * [cfg.kv_heads * cfg.head_dim],
+        "mlp.gate_up": 2 * [cfg.ffn_dim],
+    }
+    out = {}
+    for key, tensor in state.items():
+        match = _FUSED_KEY.fullmatch(key)
+        if match is None:
+            out[key] = tensor
+            continue
+        fused, rest = match.group(2, 3)
+        shared = rest.startswith("0.") or rest.endswith("lora_A")
+        parts = [tensor] * len(FUSED[fused]) if shared else tensor.split(widths[fused])
+        out |= {name: part.clone() for name, part in zip(unfused_keys(key), parts)}
+    return out
 
 
 class Block(nn.Module):
@@ -396,13 +462,28 @@ class GPT(nn.Module):
           (drawn, then zeroed: every other tensor gets the draw it gets without the option),
           so that each block starts as the identity;
         - biases 0; norm weights 1 (LayerNorm bias 0, QK-norms too); an untied lm_head like
-          any Linear."""
+          any Linear.
+        Attention's q, k, v and SwiGLU's gate, up are drawn as one matrix of their stacked
+        rows, then split (stacked_linears): a seed gives the model it gave when each group was
+        one Linear. Separate draws would differ, since torch's CPU normal_ makes its numbers
+        16 at a time from each call's own stream (a width whose rows * columns is not a
+        multiple of 16 shifts every later draw), and CUDA's generator advances per call."""
         std = self.config.init_std
+        stacked: set[nn.Module] = set()
         for name, module in self.named_modules():
+            group = stacked_linears(module)  # before its Linears: named_modules is pre-order
+            if group:
+                rows = [linear.weight.size(0) for linear in group]
+                weight = group[0].weight.new_empty(sum(rows), group[0].weight.size(1))
+                nn.init.normal_(weight, mean=0.0, std=std)
+                for linear, part in zip(group, weight.split(rows)):
+                    linear.weight.copy_(part)
+                stacked.update(group)
             if isinstance(module, nn.Linear):
                 is_residual_out = name.endswith("attn.proj") or name.endswith("mlp.proj")
                 scale = 1 / math.sqrt(2 * self.config.n_layer) if is_residual_out else 1.0
-                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+                if module not in stacked:
+                    nn.init.normal_(module.weight, mean=0.0, std=std * scale)
                 if is_residual_out and self.config.zero_init_proj:
                     nn.init.zeros_(module.weight)
                 if module.bias is not None:

@@ -5,9 +5,8 @@ importing do not need `transformers` installed; the tests check the result again
 
 Layout differences handled here:
 - GPT-2's Conv1D weights are (in, out): transposed relative to our nn.Linear.
-- Our attention fuses q, k, v into one Linear, rows [q (nh*hd) | k (nkv*hd) | v (nkv*hd)];
-  HF Llama keeps q_proj/k_proj/v_proj (GPT-2's c_attn is already fused the same way).
-- Our SwiGLU fuses gate and up into `mlp.gate_up` (rows [gate | up]); Llama keeps gate_proj/up_proj.
+- GPT-2's c_attn is one Conv1D for q, k and v, our three Linears' rows stacked (q | k | v);
+  Llama's q_proj/k_proj/v_proj and gate_proj/up_proj/down_proj are ours one to one.
 - Our RoPE rotates halves (HF's rotate_half), so no q/k permutation is needed.
 - A GPT-2-family model without biases is exported with zero biases (GPT-2 always has them),
   which computes the same function; importing it back gives a model with (zero) biases.
@@ -52,12 +51,18 @@ _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
 @dataclass(frozen=True)
 class Rule:
-    """One of our modules <-> one or more HF modules (several: ours is their rows concatenated)."""
+    """One of our modules <-> one HF module; with `parts`, several of ours (`ours.part`, equal
+    blocks of rows) stacked into one of theirs: GPT-2's c_attn holds our attn.q, k and v."""
 
     ours: str
-    theirs: tuple[str, ...]
-    sizes: tuple[int, ...] = ()  # row counts of each HF part when len(theirs) > 1
+    theirs: str
     transpose: bool = False  # GPT-2 Conv1D weight
+    parts: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> list[str]:
+        """Our module names, in the order their rows stack."""
+        return [f"{self.ours}.{part}" for part in self.parts] or [self.ours]
 
 
 # ---------------------------------------------------------------- families and configs
@@ -254,40 +259,39 @@ def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> Conf
 
 def _rules(cfg: ModelConfig) -> list[Rule]:
     if family(cfg) == "gpt2":
-        rules = [Rule("wte", ("transformer.wte",)), Rule("wpe", ("transformer.wpe",))]
+        rules = [Rule("wte", "transformer.wte"), Rule("wpe", "transformer.wpe")]
         for i in range(cfg.n_layer):
             h = f"transformer.h.{i}"
             rules += [
-                Rule(f"blocks.{i}.norm1", (f"{h}.ln_1",)),
-                Rule(f"blocks.{i}.attn.qkv", (f"{h}.attn.c_attn",), transpose=True),
-                Rule(f"blocks.{i}.attn.proj", (f"{h}.attn.c_proj",), transpose=True),
-                Rule(f"blocks.{i}.norm2", (f"{h}.ln_2",)),
-                Rule(f"blocks.{i}.mlp.fc", (f"{h}.mlp.c_fc",), transpose=True),
-                Rule(f"blocks.{i}.mlp.proj", (f"{h}.mlp.c_proj",), transpose=True),
+                Rule(f"blocks.{i}.norm1", f"{h}.ln_1"),
+                Rule(f"blocks.{i}.attn", f"{h}.attn.c_attn", transpose=True, parts=("q", "k", "v")),
+                Rule(f"blocks.{i}.attn.proj", f"{h}.attn.c_proj", transpose=True),
+                Rule(f"blocks.{i}.norm2", f"{h}.ln_2"),
+                Rule(f"blocks.{i}.mlp.fc", f"{h}.mlp.c_fc", transpose=True),
+                Rule(f"blocks.{i}.mlp.proj", f"{h}.mlp.c_proj", transpose=True),
             ]
-        rules.append(Rule("norm_f", ("transformer.ln_f",)))
+        rules.append(Rule("norm_f", "transformer.ln_f"))
     else:
-        q, kv, ffn = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.ffn_dim
-        rules = [Rule("wte", ("model.embed_tokens",))]
+        rules = [Rule("wte", "model.embed_tokens")]
         for i in range(cfg.n_layer):
             h = f"model.layers.{i}"
-            attn = tuple(f"{h}.self_attn.{p}_proj" for p in "qkv")
             rules += [
-                Rule(f"blocks.{i}.norm1", (f"{h}.input_layernorm",)),
-                Rule(f"blocks.{i}.attn.qkv", attn, sizes=(q, kv, kv)),
-                Rule(f"blocks.{i}.attn.proj", (f"{h}.self_attn.o_proj",)),
-                Rule(f"blocks.{i}.norm2", (f"{h}.post_attention_layernorm",)),
-                Rule(
-                    f"blocks.{i}.mlp.gate_up",
-                    (f"{h}.mlp.gate_proj", f"{h}.mlp.up_proj"),
-                    (ffn, ffn),
-                ),
-                Rule(f"blocks.{i}.mlp.proj", (f"{h}.mlp.down_proj",)),
+                Rule(f"blocks.{i}.norm1", f"{h}.input_layernorm"),
+                *(Rule(f"blocks.{i}.attn.{p}", f"{h}.self_attn.{p}_proj") for p in "qkv"),
+                Rule(f"blocks.{i}.attn.proj", f"{h}.self_attn.o_proj"),
+                Rule(f"blocks.{i}.norm2", f"{h}.post_attention_layernorm"),
+                Rule(f"blocks.{i}.mlp.gate", f"{h}.mlp.gate_proj"),
+                Rule(f"blocks.{i}.mlp.up", f"{h}.mlp.up_proj"),
+                Rule(f"blocks.{i}.mlp.proj", f"{h}.mlp.down_proj"),
             ]
-        rules.append(Rule("norm_f", ("model.norm",)))
+        rules.append(Rule("norm_f", "model.norm"))
     if not cfg.tie_embeddings:
-        rules.append(Rule("lm_head", ("lm_head",)))
+        rules.append(Rule("lm_head", "lm_head"))
     return rules
+
+
+def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
@@ -297,21 +301,16 @@ def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     zero_bias = family(cfg) == "gpt2" and not cfg.bias  # GPT-2 always has biases
     out: dict[str, torch.Tensor] = {}
     for rule in _rules(cfg):
-        weight = sd[f"{rule.ours}.weight"].detach()
-        out |= _split(rule, "weight", weight.t() if rule.transpose else weight)
-        bias = sd.get(f"{rule.ours}.bias")
-        if bias is None and zero_bias and not rule.ours.startswith(("wte", "wpe", "lm_head")):
+        weight = _stacked([sd[f"{name}.weight"].detach() for name in rule.names])  # (out, in)
+        out[f"{rule.theirs}.weight"] = weight.t() if rule.transpose else weight
+        bias = None
+        if f"{rule.names[0]}.bias" in sd:
+            bias = _stacked([sd[f"{name}.bias"].detach() for name in rule.names])
+        elif zero_bias and not rule.ours.startswith(("wte", "wpe", "lm_head")):
             bias = torch.zeros(weight.shape[0], dtype=weight.dtype)
         if bias is not None:
-            out |= _split(rule, "bias", bias.detach())
+            out[f"{rule.theirs}.bias"] = bias
     return {name: t.contiguous().clone() for name, t in out.items()}
-
-
-def _split(rule: Rule, suffix: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-    if len(rule.theirs) == 1:
-        return {f"{rule.theirs[0]}.{suffix}": tensor}
-    parts = tensor.split(list(rule.sizes), dim=0)
-    return {f"{name}.{suffix}": part for name, part in zip(rule.theirs, parts)}
 
 
 def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -322,18 +321,21 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
     out: dict[str, torch.Tensor] = {}
     for rule in _rules(cfg):
         for suffix in ("weight", "bias"):
-            names = [f"{name}.{suffix}" for name in rule.theirs]
-            present = [n for n in names if n in hf_sd]
-            if not present and suffix == "bias":
-                continue
-            if len(present) != len(names):
-                missing = sorted(set(names) - set(present))
-                raise LmforgeError(f"Hugging Face weights lack {', '.join(missing[:3])}")
-            tensor = torch.cat([hf_sd[n] for n in names]) if len(names) > 1 else hf_sd[names[0]]
-            out[f"{rule.ours}.{suffix}"] = (
-                tensor.t() if rule.transpose and suffix == "weight" else tensor
-            )
-            used.update(names)
+            name = f"{rule.theirs}.{suffix}"
+            if name not in hf_sd:
+                if suffix == "bias":
+                    continue
+                raise LmforgeError(f"Hugging Face weights lack {name}")
+            tensor = hf_sd[name]
+            if rule.transpose and suffix == "weight":
+                tensor = tensor.t()  # (out, in)
+            parts = tensor.chunk(len(rule.names)) if rule.parts else [tensor]
+            # parts are clones: parameters that shared one storage could not be saved
+            out |= {
+                f"{ours}.{suffix}": part.clone() if rule.parts else part
+                for ours, part in zip(rule.names, parts)
+            }
+            used.add(name)
     if cfg.tie_embeddings:
         out["lm_head.weight"] = out["wte.weight"]
         used.add("lm_head.weight")

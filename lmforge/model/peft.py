@@ -34,7 +34,7 @@ from torch import nn
 from lmforge.common import LmforgeError
 from lmforge.config import ModelConfig, PeftConfig, build_config, read_yaml
 from lmforge.fileio import atomic_folder
-from lmforge.model.gpt import GPT, KVCache, Prefix
+from lmforge.model.gpt import FUSED, GPT, KVCache, Prefix, split_fused
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter.yaml"
@@ -82,11 +82,23 @@ class LoRALinear(nn.Module):
 
 
 def _matches(name: str, pattern: str) -> bool:
-    """fnmatch against the module name or any dotted tail of it: 'attn.qkv', 'attn.*' and
-    '*.attn.qkv' all match 'blocks.0.attn.qkv' (so a pattern without '*' matches names
-    ending with it, at a dot)."""
+    """fnmatch against the module name or any dotted tail of it: 'attn.q', 'attn.*' and
+    '*.attn.q' all match 'blocks.0.attn.q' (so a pattern without '*' matches names ending
+    with it, at a dot)."""
     parts = name.split(".")
     return any(fnmatchcase(".".join(parts[i:]), pattern) for i in range(len(parts)))
+
+
+def unfused_targets(patterns: list[str]) -> list[str]:
+    """peft.targets saved before attention's qkv and SwiGLU's gate_up were split into separate
+    Linears (gpt.FUSED): a pattern whose last name is one of those names each of its parts
+    ('attn.qkv' -> 'attn.q', 'attn.k', 'attn.v'); other patterns are kept."""
+    parts = {fused.split(".")[1]: names for fused, names in FUSED.items()}  # qkv -> (q, k, v)
+    out = []
+    for pattern in patterns:
+        head, dot, last = pattern.rpartition(".")
+        out += [f"{head}{dot}{part}" for part in parts[last]] if last in parts else [pattern]
+    return out
 
 
 def lora_targets(model: GPT, patterns: list[str]) -> list[str]:
@@ -356,7 +368,8 @@ def save_adapter(module: nn.Module, folder: str | Path, cfg: PeftConfig, base_sh
 def load_adapter(model: GPT, folder: str | Path, base_sha256: str) -> nn.Module:
     """Apply the adapter in `folder` to `model` (whose checkpoint's model.safetensors has
     sha256 `base_sha256`) and return the module, as apply_peft does; prefix and prompt come
-    folded. An adapter trained on other base weights is refused."""
+    folded. An adapter trained on other base weights is refused. One saved before qkv and
+    gate_up were split (gpt.FUSED) loads too: its targets and tensors name the parts."""
     folder = Path(folder)
     meta = read_yaml(folder / ADAPTER_CONFIG)
     if meta.get("base_sha256") != base_sha256:
@@ -364,12 +377,13 @@ def load_adapter(model: GPT, folder: str | Path, base_sha256: str) -> nn.Module:
             f"adapter {folder} was trained on base weights with sha256 {meta.get('base_sha256')}, "
             f"but these weights have sha256 {base_sha256}: an adapter on the wrong base"
         )
-    module = apply_peft(model, build_config({"peft": meta.get("peft") or {}}).peft)
+    cfg = build_config({"peft": meta.get("peft") or {}}).peft
+    module = apply_peft(model, dataclasses.replace(cfg, targets=unfused_targets(cfg.targets)))
     if isinstance(module, _Prefixed):
         module.fold()
     path = folder / ADAPTER_WEIGHTS
     try:
-        saved = load_file(str(path))
+        saved = split_fused(load_file(str(path)), model.config)
     except (SafetensorError, OSError) as e:
         raise LmforgeError(f"cannot read {path}: {str(e).strip().splitlines()[0]}") from None
     own = adapter_tensors(module)

@@ -1,9 +1,9 @@
 """Bytes of the tensors lmforge/model/gpt.py saves for its backward pass, per micro-batch.
 
 Every figure is the storage autograd keeps alive from the forward to the backward, named by
-the op that keeps it, and counted once per storage (q, k and v are views of one qkv
-output: one buffer). Parameters are not activations and are left out. The kernels the model
-reaches differ between devices and save different tensors, so `device` picks them:
+the op that keeps it, and counted once per storage (a view of a tensor keeps all of it).
+Parameters are not activations and are left out. The kernels the model reaches differ
+between devices and save different tensors, so `device` picks them:
 
 - "cuda" (what `lmforge plan` plans for): SDPA's flash kernel where it applies (bf16/fp16,
   no explicit mask; GQA through enable_gqa), else the memory-efficient kernel with k/v
@@ -21,12 +21,14 @@ the residual stream (embeddings plus each block's output) in fp32; over FSDP's b
 parameters (`low_precision_params`) the stream is bf16/fp16. Either way autocast runs the
 norms (QK-norm too) in fp32, so they save fp32 inputs, while every matmul's input and
 output, attention and the MLP's activation functions are in the low-precision dtype; the
-loss's log-probabilities are fp32 (the loss upcasts the logits).
+loss's log-probabilities are fp32 (the loss upcasts the logits). Attention and the MLP cast
+their input once, and their Linears (q, k and v; gate and up) share that one copy.
 
 Tensor parallelism over `tp` ranks (Megatron-style, with torchtitan's sequence parallelism):
 heads and the MLP's hidden channels split over the ranks, and so do the norms' tensors
-(sequence-sharded); the inputs of the column-parallel matmuls (qkv, fc, the head) are the
-all-gathered full tensors. The head is vocabulary-parallel: logits split by `tp`.
+(sequence-sharded); the inputs of the column-parallel matmuls (q, k, v, fc or gate and up,
+the head) are the all-gathered full tensors. The head is vocabulary-parallel: logits split
+by `tp`.
 
 Not modelled (small, or not reached by a pretraining step): stochastic-depth masks (B
 numbers per block), PEFT prefixes, a KV cache, masked-LM's selection of positions.
@@ -122,11 +124,11 @@ def norm_saved(s: Shapes, width: float) -> float:
 
 
 def attention_saved(s: Shapes) -> dict[str, float]:
-    """The attention half of a block: qkv, optional QK-norm and RoPE, the attention kernel's
-    own saved tensors, and the output projection's input."""
+    """The attention half of a block: q, k and v, optional QK-norm and RoPE, the attention
+    kernel's own saved tensors, and the output projection's input."""
     cfg, n = s.cfg, s.tokens
     q_width, kv_width = s.nh * s.hd, s.nkv * s.hd
-    out: dict[str, float] = {"attn.qkv input": n * s.act * cfg.d_model}
+    out: dict[str, float] = {"attn.q/k/v input": n * s.act * cfg.d_model}
     explicit_mask = s.dense_mask_rows > 0
     dropout = cfg.dropout > 0
     cpu_explicit = (
@@ -143,35 +145,40 @@ def attention_saved(s: Shapes) -> dict[str, float]:
     repeat_kv = s.nkv != s.nh and (
         cpu_explicit or (s.device == "cuda" and (explicit_mask or q_in_fp32))
     )
-    # QK-norm saves its input: a view of the qkv output in fp32 runs, else an fp32 copy of it
-    # (autocast's, or the CPU composite's upcast); the CPU composite also keeps the
-    # normalised heads (fp32)
+    # QK-norm saves its input: q's and k's Linear outputs (views) in fp32 runs, else an fp32
+    # copy of them (autocast's, or the CPU composite's upcast); the CPU composite also keeps
+    # the normalised heads (fp32)
     qk_norm_keeps_view = cfg.qk_norm and not s.low_precision
     if cfg.qk_norm:
         copies = (s.device == "cpu") + s.low_precision
         out["attn.q_norm/k_norm"] = n * FP32 * (s.nh + s.nkv + copies * (q_width + kv_width))
     rope = cfg.pos_encoding == "rope"
-    qk_fresh = rope or cfg.qk_norm  # q and k are new tensors, not views of the qkv output
+    qk_fresh = rope or cfg.qk_norm  # q and k are new tensors, not views of the Linears' outputs
     if cpu_explicit or cpu_math:
         # q * scale, k and v as contiguous copies, and the (T, T) probabilities: softmax's
         # output, and with dropout its noise and the dropped probabilities
         probs = 3 if dropout else 1
         out["attention (written out)"] = n * s.act * (3 * q_width + probs * s.nh * s.seq)
-        if qk_norm_keeps_view:  # the kernel copies q, k and v: only QK-norm keeps the qkv output
-            out["attn.qkv output"] = n * s.act * (q_width + 2 * kv_width)
+        if qk_norm_keeps_view:  # the kernel copies q, k and v: only QK-norm keeps q's and k's
+            out["attn.q, k outputs"] = n * s.act * (q_width + kv_width)
     else:
-        keeps_qkv = not qk_fresh or not repeat_kv or qk_norm_keeps_view
-        if keeps_qkv:  # v (and un-rotated q, k) are views of it
-            out["attn.qkv output"] = n * s.act * (q_width + 2 * kv_width)
+        # SDPA saves q, k and v: the Linears' outputs where it gets views of them, rather
+        # than rotated or normed q and k, or repeated k and v; QK-norm keeps q's and k's too
+        keeps_q = not qk_fresh or qk_norm_keeps_view
+        keeps_k = (not qk_fresh and not repeat_kv) or qk_norm_keeps_view
+        if keeps_q or keeps_k:
+            out["attn.q, k outputs"] = n * s.act * (keeps_q * q_width + keeps_k * kv_width)
+        if not repeat_kv:
+            out["attn.v output"] = n * s.act * kv_width
         if qk_fresh:
             k_fresh = 0 if repeat_kv else kv_width  # repeated k replaces the fresh one
             out["attn.q, k (rotated/normed)"] = n * s.act * (q_width + k_fresh)
         if repeat_kv:
             out["attn.k, v repeated"] = n * s.act * 2 * q_width
         out["attn.sdpa output + logsumexp"] = n * (s.act * q_width + FP32 * s.nh)
-    # SDPA writes its output in q's memory layout: (B, T, nh, hd)-major when q is a view of the
-    # qkv output (or rotated elementwise from one), so the projection's input is a view of
-    # it; QK-norm's kernels return q contiguous as (B, nh, T, hd), and reshaping for the
+    # SDPA writes its output in q's memory layout: (B, T, nh, hd)-major when q is a view of its
+    # Linear's output (or rotated elementwise from one), so the projection's input is a view
+    # of it; QK-norm's kernels return q contiguous as (B, nh, T, hd), and reshaping for the
     # projection copies, as after the written-out paths
     if cpu_explicit or cpu_math or cfg.qk_norm:
         out["attn.proj input"] = n * s.act * q_width
@@ -186,7 +193,7 @@ def mlp_saved(s: Shapes) -> dict[str, float]:
     n, h = s.tokens, s.hidden
     inner = {"swiglu": 4 * h, "relu2": 2 * h}.get(s.cfg.mlp, 2 * h)
     # gelu: fc output (gelu's input) + gelu output; relu2: relu output (kept by both relu and
-    # square) + its square; swiglu: the fused gate/up output (2h) + silu(gate) + the product
+    # square) + its square; swiglu: gate's and up's outputs + silu(gate) + the product
     return {
         "mlp input": n * s.act * s.cfg.d_model,
         f"mlp {s.cfg.mlp} activations": n * s.act * inner,
@@ -200,10 +207,10 @@ def low_rank_saved(s: Shapes) -> float:
     cfg = s.cfg
     if cfg.low_rank is None:
         return 0.0
-    d, q_width = cfg.d_model, cfg.n_head * cfg.head_dim
-    qkv = q_width + 2 * cfg.kv_heads * cfg.head_dim
-    fc = 2 * cfg.ffn_dim if cfg.mlp == "swiglu" else cfg.ffn_dim
-    shapes = ((d, qkv), (q_width, d), (d, fc), (cfg.ffn_dim, d))
+    d, q_width, kv_width = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    mlp_in = 2 if cfg.mlp == "swiglu" else 1  # gate and up, or fc
+    shapes = [(d, q_width), (d, kv_width), (d, kv_width), (q_width, d)]
+    shapes += [(d, cfg.ffn_dim)] * mlp_in + [(cfg.ffn_dim, d)]
     return s.tokens * s.act * sum(min(cfg.low_rank, i, o) for i, o in shapes)
 
 

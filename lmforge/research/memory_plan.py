@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 PARAM_BYTES = 4
 """fp32 parameters and gradients."""
 ADAMW_STATES = 2
-COLUMN_PARALLEL = ("attn.qkv", "mlp.fc", "mlp.gate_up")
+COLUMN_PARALLEL = ("attn.q", "attn.k", "attn.v", "mlp.fc", "mlp.gate", "mlp.up")
 """Block Linears split by output channels under tensor parallelism: their biases split too."""
 
 
@@ -244,7 +244,7 @@ def parameter_units(cfg: Config, vocab: int, tp: int) -> tuple[Unit, list[Unit],
     for name, p in model.named_parameters():  # a tied head is wte.weight, listed once
         parts = name.split(".")
         if parts[0] == "blocks":
-            module = ".".join(parts[2:-1])  # e.g. attn.qkv, or attn.qkv.0 (low-rank)
+            module = ".".join(parts[2:-1])  # e.g. attn.q, or attn.q.0 (low-rank)
             column = any(module == c or module.startswith(c + ".") for c in COLUMN_PARALLEL)
             numel = p.numel() / tp if p.dim() == 2 or column else p.numel()  # norms: whole
             blocks[int(parts[1])].add(numel, muon and is_muon_matrix(name, p), p.dim() == 2)

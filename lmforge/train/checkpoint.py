@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -33,15 +33,16 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lmforge.common import LmforgeError
-from lmforge.config import Config, build_config, save_config
+from lmforge.config import Config, ModelConfig, build_config, save_config
 from lmforge.fileio import atomic_folder, atomic_write_text, contained
-from lmforge.model.gpt import GPT
+from lmforge.model.gpt import GPT, split_fused, unfused_keys
 from lmforge.model.heads import ActorCritic, RewardModel, SequenceClassifier
 from lmforge.model.peft import (
     ADAPTER_WEIGHTS,
     apply_peft,
     load_adapter,
     merge_lora,
+    unfused_targets,
     write_adapter,
 )
 from lmforge.tokenizer import Tokenizer, load_tokenizer
@@ -131,7 +132,7 @@ def load_full_into_sharded(
     order of the run that saved them (build_optimizers does, from named_parameters)."""
     with torch.device("meta"):
         plain = GPT(model.config)
-    plain.assign_weights(load_file(str(folder / WEIGHTS)))  # both names of a tied weight
+    plain.assign_weights(read_weights(folder, plain.config))  # both names of a tied weight
     names = {id(p): n for n, p in model.named_parameters()}
     by_name: dict[str, Any] = {"state": {}, "param_groups": []}
     for opt, saved in zip(optimizers, saved_optimizers):
@@ -183,6 +184,8 @@ def is_checkpoint(folder: str | Path) -> bool:
 
 
 def load_checkpoint_config(folder: str | Path) -> Config:
+    """A checkpoint's config.yaml; LoRA targets saved before qkv and gate_up were split name
+    the parts (peft.unfused_targets), so that its model is built as its weights load."""
     folder = Path(folder)
     if not folder.is_dir():
         raise LmforgeError(f"checkpoint folder not found: {folder}")
@@ -191,14 +194,34 @@ def load_checkpoint_config(folder: str | Path) -> Config:
             f"{folder} is not an lmforge checkpoint (expected {WEIGHTS} and {CONFIG}); "
             "for a Hugging Face folder use `lmforge import`"
         )
-    return build_config(folder / CONFIG)
+    cfg = build_config(folder / CONFIG)
+    cfg.peft.targets = unfused_targets(cfg.peft.targets)
+    return cfg
+
+
+def read_weights(folder: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A checkpoint's model.safetensors as today's state dict: one written before attention's
+    qkv and SwiGLU's gate_up were split into separate Linears has them split (gpt.split_fused)."""
+    return split_fused(load_file(str(folder / WEIGHTS)), cfg)
+
+
+def fused_layout(folder: Path) -> bool:
+    """Whether a checkpoint's weights, or a PEFT run's trainable parameters, were written
+    before qkv and gate_up were split: such weights load, but optimizer states do not fit."""
+    names: list[str] = []
+    for file in (folder / WEIGHTS, folder / TRAINABLE):
+        if file.is_file():
+            with safe_open(str(file), framework="pt") as f:
+                names += f.keys()
+    return any(unfused_keys(name) != [name] for name in names)
 
 
 def load_weights(model: GPT, folder: str | Path, assign: bool = False) -> None:
     """Load model.safetensors into `model`, strictly: a shape or name mismatch is a user error.
     assign=True takes the file's tensors as the model's own (GPT.assign_weights), for a model
     built on the meta device; otherwise they are copied into the existing parameters (which an
-    optimizer may already hold). An ActorCritic takes its policy's weights and its value head."""
+    optimizer may already hold). An ActorCritic takes its policy's weights and its value head.
+    Weights written before qkv and gate_up were split load too (read_weights)."""
     if isinstance(model, ActorCritic):
         path = Path(folder) / VALUE_HEAD
         if not path.is_file():
@@ -210,10 +233,11 @@ def load_weights(model: GPT, folder: str | Path, assign: bool = False) -> None:
         return
     path = Path(folder) / WEIGHTS
     try:
+        state = read_weights(Path(folder), model.config)
         if assign:
-            missing, unexpected = model.assign_weights(load_file(str(path)))
+            missing, unexpected = model.assign_weights(state)
         else:
-            missing, unexpected = load_model(model, str(path), strict=False)
+            missing, unexpected = _copy_weights(model, state)
     except (SafetensorError, RuntimeError, OSError) as e:
         first = str(e).strip().splitlines()
         detail = next(
@@ -225,6 +249,15 @@ def load_weights(model: GPT, folder: str | Path, assign: bool = False) -> None:
             f"weights in {path} do not fit the model config: missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}"
         )
+
+
+def _copy_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]):
+    """load_state_dict(strict=False) as safetensors' load_model does it: a weight shared by
+    two names (a tied head) is in the file once, and its other name is not missing."""
+    own = model.state_dict()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    loaded = {own[name].data_ptr() for name in state if name in own}
+    return [name for name in missing if own[name].data_ptr() not in loaded], unexpected
 
 
 def weights_sha256(folder: str | Path) -> str:

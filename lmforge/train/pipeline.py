@@ -4,7 +4,7 @@ micro-batches are the schedule's micro-batches.
 
 `StageModel` is one stage of a GPT: its blocks and, on the first stage, the embeddings, on the
 last the final norm and the head. Its parameter names are the GPT's (blocks keep their index:
-`blocks.3.attn.qkv.weight`), so sharded checkpoints from any layout agree by name. The GPT's
+`blocks.3.attn.q.weight`), so sharded checkpoints from any layout agree by name. The GPT's
 own methods compute positions, RoPE tables and logits, so the model's maths lives in one
 place.
 

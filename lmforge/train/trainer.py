@@ -323,6 +323,12 @@ class Trainer:
             raise LmforgeError(
                 f"{folder} has no {ckpt.TRAINER_STATE}; it can be loaded but not resumed"
             )
+        if ckpt.fused_layout(folder):
+            raise LmforgeError(
+                f"{folder} was written before attention's qkv and SwiGLU's gate_up became "
+                "separate Linears: its weights load (lmforge.load, --base) but its optimizer "
+                "state does not fit them, so it cannot be resumed"
+            )
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         if (
             self.tcfg.precision == "auto"
