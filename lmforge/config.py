@@ -222,7 +222,9 @@ class ParallelConfig:
     """Data-parallel shards (FSDP2, ZeRO-3): parameters, gradients and optimizer states split
     over these processes."""
     tp: int = 1
-    """Tensor-parallel degree: each attention and MLP layer split over this many processes."""
+    """Tensor-parallel degree: each block's projections split over this many processes (each
+    runs n_head / tp heads and ffn / tp channels), untied embeddings and head over the
+    vocabulary; combines with dp_shard, not dp_replicate."""
     pp: int = 1
     """Pipeline stages: the blocks split into this many consecutive groups, one per process
     (no other parallelism yet; needs model.tie_embeddings=false)."""
