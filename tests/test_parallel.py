@@ -22,8 +22,7 @@ from lmforge.model.gpt import GPT
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import init_distributed
 from lmforge.train.optim import build_optimizers
-from lmforge.train.pipeline import check_pipeline, stage_layers
-from lmforge.train.tensor_parallel import check_tensor_parallel
+from lmforge.train.pipeline import stage_layers
 
 GLOBAL_BATCH = 8  # sequences per optimizer step, whatever the world size
 CPU = torch.device("cpu")
@@ -209,18 +208,26 @@ def test_layout_errors_are_one_line(text_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(LmforgeError, match="combine tensor parallel with dp_shard"):
         init_distributed("cpu", ParallelConfig(dp_replicate=2, tp=2))
-    llama = build_config({"model": {"preset": "llama-tiny"}}).model  # 4 heads, 2 kv heads
-    with pytest.raises(LmforgeError, match="tp=4 does not divide model.n_kv_head=2"):
-        check_tensor_parallel(llama, 4)
-    cfg = build_config({"model": {"preset": "tiny", "tie_embeddings": False}})
-    with pytest.raises(LmforgeError, match="pp=3 is more stages than model.n_layer=2"):
-        check_pipeline(cfg, 3)
-    with pytest.raises(LmforgeError, match="1f1b needs train.grad_accum_steps >= pp"):
-        check_pipeline(cfg, 2)  # 1 micro-batch per step
-    cfg.train.grad_accum_steps = 2
-    cfg.model.tie_embeddings = True
-    with pytest.raises(LmforgeError, match="needs model.tie_embeddings=false"):
-        check_pipeline(cfg, 2)
+    for overrides, expected in (  # checked as the config is built: before any run folder
+        (
+            ["--model.preset=llama-tiny", "--train.parallel.tp=4"],
+            "tp=4 does not divide model.n_kv_head=2",
+        ),
+        (
+            ["--model.tie_embeddings=false", "--train.parallel.pp=3"],
+            "pp=3 is more stages than model.n_layer=2",
+        ),
+        (
+            ["--train.parallel.pp=2", "--train.grad_accum_steps=2"],
+            "needs model.tie_embeddings=false",
+        ),
+        (
+            ["--model.tie_embeddings=false", "--train.parallel.pp=2"],
+            "1f1b needs train.grad_accum_steps >= pp",
+        ),
+    ):
+        with pytest.raises(LmforgeError, match=expected):
+            build_config({"model": {"preset": "tiny"}}, overrides=overrides)
 
 
 def test_unsharded_checkpoint_resumes_sharded(text_file, single, tmp_path):

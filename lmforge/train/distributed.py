@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lmforge.common import LmforgeError
 from lmforge.hardware import pick_device
-from lmforge.train.tensor_parallel import apply_tensor_parallel, check_tensor_parallel
+from lmforge.train.tensor_parallel import apply_tensor_parallel
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -142,7 +142,6 @@ def parallelize(model: nn.Module, train_cfg, info: DistInfo, precision: str = "f
     DTensors), or DDP-wrapped, as configured: torchtitan's order. Parameters stay shared with
     `model`, which is what gets saved."""
     if info.sizes["tp"] > 1:
-        check_tensor_parallel(model.config, info.sizes["tp"])
         apply_tensor_parallel(model, info.mesh["tp"])
     if train_cfg.activation_checkpointing:
         model.set_activation_checkpointing(True)

@@ -27,22 +27,8 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from lmforge.common import LmforgeError
-
 COLUMN_WISE = ("attn.q", "attn.k", "attn.v", "mlp.fc", "mlp.gate", "mlp.up")
 ROW_WISE = ("attn.proj", "mlp.proj")
-
-
-def check_tensor_parallel(m, tp: int) -> None:
-    """One clear line for a model (its ModelConfig) that `tp` ranks cannot split evenly."""
-    for name, value in (("n_head", m.n_head), ("n_kv_head", m.kv_heads), ("ffn_hidden", m.ffn_dim)):
-        if value % tp:
-            raise LmforgeError(
-                f"train.parallel.tp={tp} does not divide model.{name}={value}: each rank takes "
-                "an equal share of the heads and hidden channels"
-            )
-    if m.low_rank is not None:
-        raise LmforgeError("train.parallel.tp > 1 cannot split model.low_rank's factored layers")
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:

@@ -50,7 +50,7 @@ from lmforge.train.distributed import (
 from lmforge.train.losses import Batch, CausalLMLoss, LossFn
 from lmforge.train.metrics import MetricsLogger
 from lmforge.train.optim import build_optimizers, lr_scale
-from lmforge.train.pipeline import Pipeline, check_pipeline
+from lmforge.train.pipeline import Pipeline
 from lmforge.train.schedule import accum_steps_at, lr_at
 from lmforge.train.tensor_parallel import partial_grad_params, sync_partial_grads
 
@@ -138,7 +138,6 @@ class Trainer:
         if dist_info.sizes["pp"] > 1:  # from here on, self.model is this rank's stage
             if type(loss_fn) is not CausalLMLoss or extra_eval is not None:
                 raise LmforgeError("train.parallel.pp > 1 pipelines causal-LM pretraining only")
-            check_pipeline(cfg, dist_info.sizes["pp"])
             self.pipeline = Pipeline(self.model, dist_info, self.tcfg.parallel.pp_schedule)
             self.model = self.train_model = self.pipeline.model
         self.optimizers = build_optimizers(self.model, self.tcfg, self.device, self.precision)
