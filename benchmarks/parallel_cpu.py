@@ -1,6 +1,6 @@
 """Tokens/s and peak memory per rank of each train.parallel layout on 2 CPU processes (gloo),
-in one run, beside one process: DDP, FSDP (ZeRO-3 and ZeRO-2-like), and a 2-stage pipeline
-(GPipe, 1F1B). Same model, same global batch, fp32.
+in one run, beside one process: DDP, FSDP (ZeRO-3 and ZeRO-2-like), tensor parallel and a
+2-stage pipeline (GPipe, 1F1B). Same model, same global batch, fp32.
 
     python benchmarks/parallel_cpu.py [--steps 30] [--preset shakespeare-llama] [--model.d_model=512 ...]
 
@@ -29,6 +29,7 @@ LAYOUTS = {
         2,
         ["--train.parallel.dp_shard=2", "--train.parallel.reshard_after_forward=false"],
     ),
+    "TP x2": (2, ["--train.parallel.tp=2"]),
     "PP x2 GPipe": (2, ["--train.parallel.pp=2", "--train.parallel.pp_schedule=gpipe"]),
     "PP x2 1F1B": (2, ["--train.parallel.pp=2", "--train.parallel.pp_schedule=1f1b"]),
 }
@@ -46,8 +47,8 @@ def worker(argv: list[str]) -> None:
 
 def run_layout(name: str, nproc: int, extra: list[str], args, out: Path) -> dict:
     global_batch = 16
-    pipeline = any("pp=" in a for a in extra)
-    data_parallel = 1 if pipeline or nproc == 1 else nproc
+    model_parallel = any("pp=" in a or "tp=" in a for a in extra)  # ranks share the data
+    data_parallel = 1 if model_parallel or nproc == 1 else nproc
     micro = global_batch // args.accum // data_parallel
     run_name = name.replace(" ", "_").replace(",", "")
     train_args = [

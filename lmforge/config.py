@@ -222,7 +222,9 @@ class ParallelConfig:
     """Data-parallel shards (FSDP2, ZeRO-3): parameters, gradients and optimizer states split
     over these processes."""
     tp: int = 1
-    """Tensor-parallel degree: each attention and MLP layer split over this many processes."""
+    """Tensor-parallel degree: each block's projections split over this many processes (each
+    runs n_head / tp heads and ffn / tp channels), untied embeddings and head over the
+    vocabulary; combines with dp_shard, not dp_replicate."""
     pp: int = 1
     """Pipeline stages: the blocks split into this many consecutive groups, one per process
     (no other parallelism yet; needs model.tie_embeddings=false)."""
@@ -669,6 +671,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
+        self._check_parallel()
         if self.train.objective == "mlm":
             if self.model.causal:
                 raise LmforgeError(
@@ -681,6 +684,47 @@ class Config:
         if self.train.nsp and self.data.sampling != "random":
             raise LmforgeError(
                 "train.nsp=true draws its own sentence pairs: use data.sampling=random"
+            )
+
+    def _check_parallel(self) -> None:
+        """What tensor and pipeline parallel need of the model and data, before any process
+        group or run folder exists: equal shares of heads and channels per TP rank; no more
+        stages than blocks, untied embeddings (the first stage holds one, the last the other),
+        enough micro-batches for 1F1B, plain causal windows between stages."""
+        m, t, tp, pp = self.model, self.train, self.train.parallel.tp, self.train.parallel.pp
+        if tp > 1:
+            for name, value in (
+                ("n_head", m.n_head),
+                ("n_kv_head", m.kv_heads),
+                ("ffn_hidden", m.ffn_dim),
+            ):
+                if value % tp:
+                    raise LmforgeError(
+                        f"train.parallel.tp={tp} does not divide model.{name}={value}: each "
+                        "rank takes an equal share of the heads and hidden channels"
+                    )
+            if m.low_rank is not None:
+                raise LmforgeError("train.parallel.tp > 1 cannot split model.low_rank's factors")
+        if pp == 1:
+            return
+        if pp > m.n_layer:
+            raise LmforgeError(
+                f"train.parallel.pp={pp} is more stages than model.n_layer={m.n_layer}"
+            )
+        if m.tie_embeddings:
+            raise LmforgeError(
+                "train.parallel.pp > 1 needs model.tie_embeddings=false: the embedding sits on "
+                "the first stage and the head on the last"
+            )
+        if t.parallel.pp_schedule == "1f1b" and (t.grad_accum_steps < pp or t.batch_ramp_interval):
+            raise LmforgeError(
+                f"train.parallel.pp_schedule=1f1b needs train.grad_accum_steps >= pp ({pp}) "
+                "micro-batches in every step (and no batch ramp); raise it or use gpipe"
+            )
+        if self.data.within_document or t.objective != "causal":
+            raise LmforgeError(
+                "train.parallel.pp > 1 trains plain causal windows: it cannot pass "
+                "data.within_document's document ids or train.objective=mlm between stages"
             )
 
 

@@ -1,6 +1,6 @@
 """Scale-out (train.parallel) against one process, under torchrun on gloo: sharded data
-parallel (FSDP2), hybrid sharding and pipeline stages (GPipe, 1F1B) give the single-process
-losses for the same global batch, and sharded checkpoints resume at another world size
+parallel (FSDP2), hybrid sharding, tensor parallel (alone and under FSDP) and pipeline stages
+(GPipe, 1F1B) give the single-process losses for the same global batch, and sharded checkpoints resume at another world size
 (4 -> 2 -> 1 processes) or layout."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from lmforge.model.gpt import GPT
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import init_distributed
 from lmforge.train.optim import build_optimizers
-from lmforge.train.pipeline import check_pipeline, stage_layers
+from lmforge.train.pipeline import stage_layers
 
 GLOBAL_BATCH = 8  # sequences per optimizer step, whatever the world size
 CPU = torch.device("cpu")
@@ -161,6 +161,35 @@ def test_pipeline_matches_one_process(schedule, text_file, single_untied, tmp_pa
     _assert_close(_losses(run), single_untied, range(3, 7))
 
 
+def test_tensor_parallel_matches_one_process(text_file, single, tmp_path):
+    """GPT-2 style (learned positions, GELU, biases, a tied head kept whole) over 2 ranks."""
+    _torchrun(
+        2, "train", *_args(text_file, tmp_path, "tp", 1, "--train.parallel.tp=2"), cwd=tmp_path
+    )
+    _assert_close(_losses(tmp_path / "tp"), single, range(0, 7))
+
+
+LLAMA = ["--model.preset=llama-tiny", "--model.qk_norm=true"]  # SwiGLU, GQA, RoPE, QK-norm
+
+
+def test_fsdp_with_tensor_parallel_matches_one_process(text_file, tmp_path):
+    """Llama style, untied (vocabulary-parallel embedding and head): TP 2, then FSDP 2 x TP 2
+    on 4 processes; the 2-D run's checkpoint resumes in one process."""
+    assert main(["train", *_args(text_file, tmp_path, "one", 1, *LLAMA)]) == 0
+    want = _losses(tmp_path / "one")
+    tp = ["--train.parallel.tp=2"]
+    _torchrun(2, "train", *_args(text_file, tmp_path, "tp", 1, *LLAMA, *tp), cwd=tmp_path)
+    _assert_close(_losses(tmp_path / "tp"), want, range(0, 7))
+    layout = [*tp, "--train.parallel.dp_shard=2"]
+    _torchrun(4, "train", *_args(text_file, tmp_path, "2d", 2, *LLAMA, *layout), cwd=tmp_path)
+    run = tmp_path / "2d"
+    _assert_close(_losses(run), want, range(0, 7))
+    _point_latest(run, 4)
+    one = ["--train.parallel.tp=1", "--train.parallel.dp_shard=1", "--train.micro_batch_size=4"]
+    assert main(["train", f"--resume={run}", *one]) == 0
+    _assert_close(_losses(run), want, range(5, 7))
+
+
 def test_layout_errors_are_one_line(text_file, tmp_path, capsys, monkeypatch):
     with pytest.raises(LmforgeError, match="does not multiply to the world size 3"):
         ParallelConfig(dp_shard=2).sizes(3)
@@ -174,19 +203,31 @@ def test_layout_errors_are_one_line(text_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(LmforgeError, match="lmforge sft does not shard"):
         init_distributed("cpu", ParallelConfig(dp_shard=2), unsharded_verb="lmforge sft")
-    with pytest.raises(LmforgeError, match="train.parallel.tp=2"):
-        init_distributed("cpu", ParallelConfig(dp_replicate=1, tp=2))
-    with pytest.raises(LmforgeError, match="lmforge dpo does not pipeline"):
+    with pytest.raises(LmforgeError, match="lmforge dpo does not split the model"):
         init_distributed("cpu", ParallelConfig(pp=2), unsharded_verb="lmforge dpo")
-    cfg = build_config({"model": {"preset": "tiny", "tie_embeddings": False}})
-    with pytest.raises(LmforgeError, match="pp=3 is more stages than model.n_layer=2"):
-        check_pipeline(cfg, 3)
-    with pytest.raises(LmforgeError, match="1f1b needs train.grad_accum_steps >= pp"):
-        check_pipeline(cfg, 2)  # 1 micro-batch per step
-    cfg.train.grad_accum_steps = 2
-    cfg.model.tie_embeddings = True
-    with pytest.raises(LmforgeError, match="needs model.tie_embeddings=false"):
-        check_pipeline(cfg, 2)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(LmforgeError, match="combine tensor parallel with dp_shard"):
+        init_distributed("cpu", ParallelConfig(dp_replicate=2, tp=2))
+    for overrides, expected in (  # checked as the config is built: before any run folder
+        (
+            ["--model.preset=llama-tiny", "--train.parallel.tp=4"],
+            "tp=4 does not divide model.n_kv_head=2",
+        ),
+        (
+            ["--model.tie_embeddings=false", "--train.parallel.pp=3"],
+            "pp=3 is more stages than model.n_layer=2",
+        ),
+        (
+            ["--train.parallel.pp=2", "--train.grad_accum_steps=2"],
+            "needs model.tie_embeddings=false",
+        ),
+        (
+            ["--model.tie_embeddings=false", "--train.parallel.pp=2"],
+            "1f1b needs train.grad_accum_steps >= pp",
+        ),
+    ):
+        with pytest.raises(LmforgeError, match=expected):
+            build_config({"model": {"preset": "tiny"}}, overrides=overrides)
 
 
 def test_unsharded_checkpoint_resumes_sharded(text_file, single, tmp_path):

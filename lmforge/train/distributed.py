@@ -3,7 +3,8 @@ from outside, in torchtitan's order: activation checkpointing, compile, then FSD
 
 One DeviceMesh holds the layout train.parallel asks for (outer to inner: pp, dp_replicate,
 dp_shard, tp). The data-parallel ranks (dp_replicate x dp_shard) read different data; the
-loaders and the gradient scale use their rank and size, not the global ones.
+loaders and the gradient scale use their rank and size, not the global ones. Tensor-parallel
+and pipeline ranks of one data-parallel rank read the same data.
 
 FSDP2 (`fully_shard`, ZeRO-3) shards each block and then the root over dp_shard (HSDP over
 dp_replicate x dp_shard when both are > 1); its parameters become DTensors, which the
@@ -28,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lmforge.common import LmforgeError
 from lmforge.hardware import pick_device
+from lmforge.train.tensor_parallel import apply_tensor_parallel
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -64,9 +66,16 @@ class DistInfo:
 
     @property
     def sharded(self) -> bool:
-        """Parameters are split over ranks (FSDP shards or pipeline stages): saving and
-        loading gather or reshard them, and no rank can run the model alone."""
-        return self.sizes["dp_shard"] > 1 or self.sizes["pp"] > 1
+        """Parameters are split over ranks (FSDP shards, tensor-parallel slices or pipeline
+        stages): saving and loading gather or reshard them, and no rank can run the model
+        alone."""
+        return self.sizes["dp_shard"] > 1 or self.sizes["tp"] > 1 or self.sizes["pp"] > 1
+
+    @property
+    def reports(self) -> bool:
+        """Whether this rank's loss figures count in the step's totals: tensor-parallel ranks
+        compute the same loss, so only the first of each TP group reports it."""
+        return self.mesh is None or self.mesh.get_local_rank("tp") == 0
 
 
 def init_distributed(
@@ -87,18 +96,21 @@ def init_distributed(
             f"train.parallel.dp_shard={sizes['dp_shard']}: {unsharded_verb} does not shard; "
             "use data parallel (dp_replicate) for it"
         )
-    if sizes["tp"] > 1:
+    if sizes["tp"] > 1 and sizes["dp_replicate"] > 1:
         raise LmforgeError(
-            f"train.parallel.tp={sizes['tp']}: tensor parallel training is not built yet; "
-            "use dp_replicate, dp_shard or pp"
+            f"train.parallel.tp={sizes['tp']} with dp_replicate={sizes['dp_replicate']}: "
+            "combine tensor parallel with dp_shard (FSDP) instead"
         )
     if sizes["pp"] > 1 and sizes["pp"] != world_size:
         raise LmforgeError(
             f"train.parallel.pp={sizes['pp']} with other parallelism: a pipeline runs alone "
             f"for now (pp = the world size, {world_size})"
         )
-    if unsharded_verb and sizes["pp"] > 1:
-        raise LmforgeError(f"train.parallel.pp={sizes['pp']}: {unsharded_verb} does not pipeline")
+    for name in ("pp", "tp"):
+        if unsharded_verb and sizes[name] > 1:
+            raise LmforgeError(
+                f"train.parallel.{name}={sizes[name]}: {unsharded_verb} does not split the model"
+            )
     device = pick_device(device_request)
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
@@ -125,9 +137,12 @@ def destroy_distributed() -> None:
 
 
 def parallelize(model: nn.Module, train_cfg, info: DistInfo, precision: str = "fp32") -> nn.Module:
-    """The module the training step calls: `model` itself, checkpointed/compiled and then
-    sharded (FSDP2, in place: `model`'s parameters become DTensors) or DDP-wrapped, as
-    configured. Parameters stay shared with `model`, which is what gets saved."""
+    """The module the training step calls: `model` itself, split for tensor parallel,
+    checkpointed, compiled and then sharded (FSDP2), all in place (`model`'s parameters become
+    DTensors), or DDP-wrapped, as configured: torchtitan's order. Parameters stay shared with
+    `model`, which is what gets saved."""
+    if info.sizes["tp"] > 1:
+        apply_tensor_parallel(model, info.mesh["tp"])
     if train_cfg.activation_checkpointing:
         model.set_activation_checkpointing(True)
     wrapped = torch.compile(model) if train_cfg.compile else model
@@ -194,20 +209,23 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, across_ranks: bo
     over its own ranks), and with across_ranks a pipeline stage's share of the model (the
     stages' squared norms summed over all ranks). Returns the global norm, the same on
     every rank."""
-    grads = [p.grad for p in params if p.grad is not None]
     by_mesh: dict[object, list[torch.Tensor]] = {}
-    for g in grads:
-        by_mesh.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
+    for p in params:
+        if p.grad is not None:
+            mesh = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+            by_mesh.setdefault(mesh, []).append(p)
     if len(by_mesh) <= 1 and not across_ranks:  # one kind: torch's own, exactly
         return local_value(torch.nn.utils.clip_grad_norm_(params, max_norm)).item()
     squares = torch.zeros((), dtype=torch.float64)
     for group in by_mesh.values():
-        squares += local_value(torch.nn.utils.get_total_norm(group)).double().cpu().square()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group])
+        squares += local_value(norm).double().cpu().square()
     if across_ranks:
         squares = all_reduce_sum(squares)
     total = squares.sqrt().float()
-    with implicit_replication():  # the plain scale multiplies DTensor gradients too
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    for group in by_mesh.values():  # one mesh per call; the plain scale joins each mesh
+        with implicit_replication():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total.item()
 
 

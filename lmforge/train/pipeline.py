@@ -21,7 +21,6 @@ import torch
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from lmforge.common import LmforgeError
 from lmforge.model.gpt import GPT, compute_dtype
 from lmforge.train.losses import Batch, CausalLMLoss
 
@@ -60,30 +59,6 @@ class StageModel(nn.Module):
         for block in self.blocks.values():
             x = block(x, rope, True)  # plain causal attention
         return gpt.logits(self.norm_f(x)) if self.last else x
-
-
-def check_pipeline(cfg, stages: int) -> None:
-    """One clear line for what a pipeline of `stages` cannot run."""
-    if stages > cfg.model.n_layer:
-        raise LmforgeError(
-            f"train.parallel.pp={stages} is more stages than model.n_layer={cfg.model.n_layer}"
-        )
-    if cfg.model.tie_embeddings:
-        raise LmforgeError(
-            "train.parallel.pp > 1 needs model.tie_embeddings=false: the embedding sits on the "
-            "first stage and the head on the last"
-        )
-    t = cfg.train
-    if t.parallel.pp_schedule == "1f1b" and (t.grad_accum_steps < stages or t.batch_ramp_interval):
-        raise LmforgeError(
-            f"train.parallel.pp_schedule=1f1b needs train.grad_accum_steps >= pp ({stages}) "
-            "micro-batches in every step (and no batch ramp); raise it or use gpipe"
-        )
-    if cfg.data.within_document or cfg.train.objective != "causal":
-        raise LmforgeError(
-            "train.parallel.pp > 1 trains plain causal windows: it cannot pass "
-            "data.within_document's document ids or train.objective=mlm between stages"
-        )
 
 
 class Pipeline:

@@ -50,8 +50,9 @@ from lmforge.train.distributed import (
 from lmforge.train.losses import Batch, CausalLMLoss, LossFn
 from lmforge.train.metrics import MetricsLogger
 from lmforge.train.optim import build_optimizers, lr_scale
-from lmforge.train.pipeline import Pipeline, check_pipeline
+from lmforge.train.pipeline import Pipeline
 from lmforge.train.schedule import accum_steps_at, lr_at
+from lmforge.train.tensor_parallel import partial_grad_params, sync_partial_grads
 
 # Columns of the printed log line and their formats (metrics.jsonl keeps full precision).
 _PRINTED = {
@@ -81,6 +82,11 @@ def _reduce_over_ranks(sums: dict[str, torch.Tensor]) -> dict[str, float]:
     keys = sorted(sums)
     totals = all_reduce_sum(torch.stack([sums[k] for k in keys])).tolist()
     return dict(zip(keys, totals))
+
+
+def _zeros(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same keys at 0: what a rank that does not report adds to the totals."""
+    return {key: torch.zeros_like(value) for key, value in sums.items()}
 
 
 def _per_unit(totals: dict[str, float], prefix: str = "") -> dict[str, float]:
@@ -127,11 +133,11 @@ class Trainer:
         self.on_eval = on_eval  # see the module docstring
         self.precision = pick_precision(self.tcfg.precision, self.device)
         self.train_model = parallelize(self.model, self.tcfg, dist_info, self.precision)
+        self.tp_partial = partial_grad_params(self.model) if dist_info.sizes["tp"] > 1 else []
         self.pipeline = None
         if dist_info.sizes["pp"] > 1:  # from here on, self.model is this rank's stage
             if type(loss_fn) is not CausalLMLoss or extra_eval is not None:
                 raise LmforgeError("train.parallel.pp > 1 pipelines causal-LM pretraining only")
-            check_pipeline(cfg, dist_info.sizes["pp"])
             self.pipeline = Pipeline(self.model, dist_info, self.tcfg.parallel.pp_schedule)
             self.model = self.train_model = self.pipeline.model
         self.optimizers = build_optimizers(self.model, self.tcfg, self.device, self.precision)
@@ -158,7 +164,8 @@ class Trainer:
                 group["lr"] = lr * lr_scale(opt, self.tcfg)
         batches = [self._to_device(b) for b in self.train_loader.next_step(accum)]
         units = torch.stack([self.loss_fn.units(b) for b in batches]).sum().double()
-        units_total = all_reduce_sum(units).item() / self.dist.sizes["pp"]  # stages share data
+        # the TP and pipeline ranks of one data-parallel rank share its batches
+        units_total = all_reduce_sum(units).item() * self.dist.dp_size / self.dist.world_size
         model.train()
 
         def backward(loss: torch.Tensor) -> None:  # DDP/FSDP average over ranks: undo that
@@ -169,11 +176,13 @@ class Trainer:
                 sums = self.pipeline.run(batches, max(units_total, 1.0), train=True)
         else:
             sums = self._run_batches(self.loss_fn, model, batches, backward, max(units_total, 1.0))
-        totals = _reduce_over_ranks(sums)
+        totals = _reduce_over_ranks(sums if self.dist.reports else _zeros(sums))
         row: dict[str, Any] = {"step": self.step + 1, "lr": lr}
         row |= _per_unit(totals)
         for opt in self.optimizers:
             self.scaler.unscale_(opt)
+        if self.tp_partial:
+            sync_partial_grads(self.tp_partial, self.dist.mesh["tp"].get_group())
         max_norm = self.tcfg.grad_clip if self.tcfg.grad_clip > 0 else math.inf
         grad_norm = clip_grad_norm(self.params, max_norm, across_ranks=self.pipeline is not None)
         row["grad_norm"] = grad_norm
@@ -248,6 +257,7 @@ class Trainer:
                     sums = self.pipeline.run(list(batches), 1.0, train=False)
             else:
                 sums = self._run_batches(self.eval_loss_fn, self.model, batches)
+            sums = sums if self.dist.reports else _zeros(sums)
             row |= _per_unit(_reduce_over_ranks(sums), prefix="val_")
             if isinstance(self.eval_loss_fn, CausalLMLoss):  # other losses are not per token
                 row["val_ppl"] = math.exp(min(row["val_loss"], 50.0))
