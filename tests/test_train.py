@@ -307,6 +307,34 @@ def test_muon_orthogonalising_in_bf16_is_torch_muon():
         Muon([torch.zeros(3, requires_grad=True)], lr=0.02)
 
 
+def test_muon_orthogonalises_joint_matrices_as_their_stack(text_file, tmp_path):
+    """q, k, v (and gate, up) step as the one stacked matrix the fused layout had."""
+    torch.manual_seed(0)
+    parts = [torch.randn(16, 8, requires_grad=True) for _ in range(3)]
+    stack = torch.cat([p.detach() for p in parts]).requires_grad_()  # (48, 8)
+    joint = Muon(parts, lr=0.02, weight_decay=0.1, joint=[parts])
+    fused = Muon([stack], lr=0.02, weight_decay=0.1)
+    for _ in range(3):
+        grad = torch.randn(48, 8)
+        stack.grad = grad.clone()
+        for p, g in zip(parts, grad.split(16)):
+            p.grad = g.clone()
+        joint.step()
+        fused.step()
+    torch.testing.assert_close(
+        torch.cat([p.detach() for p in parts]), stack.detach(), rtol=0, atol=1e-6
+    )
+    cfg = tiny_cfg(text_file, tmp_path, optimizer="muon")
+    cfg.model = build_config({"model": {"preset": "llama-tiny"}}).model
+    cfg.model.vocab_size = 65
+    model = GPT(cfg.model)
+    muon = build_optimizers(model, cfg.train, torch.device("cpu"))[0]
+    attn, mlp = model.blocks[1].attn, model.blocks[1].mlp
+    units = [tuple(map(id, unit)) for unit in muon._units(muon.param_groups[0]["params"])]
+    assert tuple(map(id, (attn.q.weight, attn.k.weight, attn.v.weight))) in units
+    assert tuple(map(id, (mlp.gate.weight, mlp.up.weight))) in units
+
+
 @pytest.mark.parametrize(
     "schedule,expected",
     [

@@ -29,6 +29,25 @@ def is_muon_matrix(name: str, param: torch.Tensor) -> bool:
     return param.dim() == 2 and ".blocks." in f".{name}"
 
 
+JOINT = (("attn.q", "attn.k", "attn.v"), ("mlp.gate", "mlp.up"))
+"""Linears that Muon orthogonalises as one stacked matrix (see Muon's docstring)."""
+
+
+def joint_matrices(named, matrices: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Each block's q, k, v weights and gate, up weights, where all of a set train by Muon."""
+    by_name = {name: p for name, p in named}
+    chosen = {id(p) for p in matrices}
+    joint = []
+    for name in by_name:
+        for first, *rest in JOINT:
+            if name.endswith(f"{first}.weight"):
+                prefix = name[: -len(f"{first}.weight")]
+                members = [by_name.get(f"{prefix}{m}.weight") for m in (first, *rest)]
+                if all(p is not None and id(p) in chosen for p in members):
+                    joint.append(members)
+    return joint
+
+
 def param_groups(params: list[torch.Tensor], weight_decay: float) -> list[dict]:
     return [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
@@ -56,6 +75,7 @@ def build_optimizers(
                 momentum=train_cfg.muon_momentum,
                 weight_decay=train_cfg.muon_weight_decay,
                 ns_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+                joint=joint_matrices(named, matrices),
             )
         )
     if rest:
