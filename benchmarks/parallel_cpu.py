@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -75,9 +76,9 @@ def run_layout(name: str, nproc: int, extra: list[str], args, out: Path) -> dict
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-    peaks = [
-        json.loads(line)["peak_mb"] for line in proc.stdout.splitlines() if '"peak_mb"' in line
-    ]
+    # the ranks' lines may interleave on one line of the shared stdout
+    found = re.findall(r'\{"rank": (\d+), "peak_mb": ([\d.]+)\}', proc.stdout)
+    peaks = [float(mb) for _, mb in sorted(found, key=lambda f: int(f[0]))]
     rows = [
         json.loads(line) for line in (out / run_name / "metrics.jsonl").read_text().splitlines()
     ]

@@ -265,7 +265,11 @@ def test_bad_settings_are_one_clear_line(capsys):
             "--train.parallel.dp_shard=3",
         ],
         "tp=8 does not divide model.n_head=12": [*gpt2, "--world-size=8", "--train.parallel.tp=8"],
-        "pp=13 is more than model.n_layer=12": [*gpt2, "--world-size=13", "--train.parallel.pp=13"],
+        "pp=13 is more stages than model.n_layer=12": [
+            *gpt2,
+            "--world-size=13",
+            "--train.parallel.pp=13",
+        ],
         "--device-memory='80XB' is not a size": [*gpt2, "--world-size=8", "--device-memory=80XB"],
         "does not divide model.n_kv_head=2": [
             "plan",
