@@ -271,6 +271,14 @@ class ParallelConfig:
         return sizes
 
 
+def stage_layers(n_layer: int, stages: int, stage: int) -> range:
+    """The blocks of `stage`: consecutive, as even as possible, earlier stages taking the
+    remainder (the last stage also runs the head)."""
+    base, extra = divmod(n_layer, stages)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (stage < extra))
+
+
 @dataclass
 class TrainConfig:
     """How to train. The defaults are the default job's recipe (Muon, 2,800 steps of 8 x 256

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge.cli import main
 from lmforge.config import build_config, model_config
 from lmforge.model.gpt import FUSED, GPT
 from lmforge.model.heads import RewardModel
@@ -68,3 +69,13 @@ def fused_layout():
         return out
 
     return fuse
+
+
+def error_line(capsys, argv: list[str]) -> str:
+    """Run the CLI expecting a failure: its stderr, checked to be one line without a
+    traceback."""
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err

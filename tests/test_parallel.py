@@ -16,13 +16,12 @@ import torch
 
 from lmforge.cli import main
 from lmforge.common import LmforgeError
-from lmforge.config import ParallelConfig, build_config
+from lmforge.config import ParallelConfig, build_config, stage_layers
 from lmforge.data.loader import bundled_text_path
 from lmforge.model.gpt import GPT
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import init_distributed
 from lmforge.train.optim import build_optimizers
-from lmforge.train.pipeline import stage_layers
 
 GLOBAL_BATCH = 8  # sequences per optimizer step, whatever the world size
 CPU = torch.device("cpu")

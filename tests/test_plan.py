@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import error_line
 
 from lmforge.cli import main
 from lmforge.common import LmforgeError
@@ -248,14 +249,6 @@ def test_a_run_that_does_not_fit_gets_settings_that_do(capsys):
         assert again["memory"][again["configured"]]["device_total"] <= 4 * 2**30
 
 
-def _error_line(capsys, argv: list[str]) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code != 0
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
-
-
 def test_bad_settings_are_one_clear_line(capsys):
     gpt2 = ["plan", "--config", str(REPO / "configs/train_gpt2_124m.yaml")]
     lines = {
@@ -280,7 +273,7 @@ def test_bad_settings_are_one_clear_line(capsys):
         ],
     }
     for expected, argv in lines.items():
-        assert expected in _error_line(capsys, argv)
+        assert expected in error_line(capsys, argv)
     with pytest.raises(LmforgeError, match="must be >= 1"):
         plan(build_config(), 0)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import error_line
 from safetensors.torch import load_file, save_file
 
 from lmforge.cli import main
@@ -651,34 +652,26 @@ def test_ddp_two_processes_match_one_process(text_file, tmp_path):
     assert read_metrics(tmp_path / "ddp")[-1]["step"] == 6
 
 
-def _error_line(capsys, argv: list[str]) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code != 0
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
-
-
 def test_bad_input_gives_one_clear_line(text_file, tmp_path, capsys):
     base = ["train", f"--run.dir={tmp_path}", "--model.preset=tiny"]
-    assert "'train.lr'" in _error_line(capsys, [*base, "--train.lrr=1"])
-    assert "train.lr" in _error_line(capsys, [*base, "--train.lr=fast"])
-    assert "train.optimizer" in _error_line(capsys, [*base, "--train.optimizer=sgd"])
-    assert "train.muon_lr" in _error_line(capsys, [*base, "--train.muon_lr=0"])
-    assert "not found" in _error_line(capsys, [*base, f"--data.path={tmp_path / 'missing.txt'}"])
+    assert "'train.lr'" in error_line(capsys, [*base, "--train.lrr=1"])
+    assert "train.lr" in error_line(capsys, [*base, "--train.lr=fast"])
+    assert "train.optimizer" in error_line(capsys, [*base, "--train.optimizer=sgd"])
+    assert "train.muon_lr" in error_line(capsys, [*base, "--train.muon_lr=0"])
+    assert "not found" in error_line(capsys, [*base, f"--data.path={tmp_path / 'missing.txt'}"])
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    assert "empty" in _error_line(capsys, [*base, f"--data.path={empty}"])
+    assert "empty" in error_line(capsys, [*base, f"--data.path={empty}"])
     binary = tmp_path / "blob.bin"
     binary.write_bytes(bytes(range(256)) * 4)
-    assert "binary" in _error_line(capsys, [*base, f"--data.path={binary}"])
+    assert "binary" in error_line(capsys, [*base, f"--data.path={binary}"])
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("caf\xe9 au lait\n".encode("latin-1") * 50)
-    assert "UTF-8" in _error_line(capsys, [*base, f"--data.path={latin1}"])
+    assert "UTF-8" in error_line(capsys, [*base, f"--data.path={latin1}"])
     short = tmp_path / "short.txt"
     short.write_text("to be or not to be\n")
-    assert "too short" in _error_line(capsys, [*base, f"--data.path={short}"])
-    assert "not an lmforge run" in _error_line(capsys, ["train", f"--resume={tmp_path}"])
+    assert "too short" in error_line(capsys, [*base, f"--data.path={short}"])
+    assert "not an lmforge run" in error_line(capsys, ["train", f"--resume={tmp_path}"])
     assert not any(tmp_path.glob("*/config.yaml")), "a failed start must not leave a run behind"
 
 
@@ -695,7 +688,7 @@ def test_existing_run_is_never_overwritten(text_file, tmp_path, capsys):
     ]
     assert main(argv) == 0
     before = (tmp_path / "keep" / "metrics.jsonl").read_text()
-    assert "already exists" in _error_line(capsys, argv)
+    assert "already exists" in error_line(capsys, argv)
     assert (tmp_path / "keep" / "metrics.jsonl").read_text() == before
 
 
@@ -715,7 +708,7 @@ def test_a_run_of_the_fused_layout_is_not_resumed(text_file, tmp_path, capsys, f
     assert main(argv) == 0
     weights = ckpt.latest_checkpoint(tmp_path / "old") / "model.safetensors"
     save_file(fused_layout(load_file(weights)), weights)
-    assert "cannot be resumed" in _error_line(capsys, ["train", f"--resume={tmp_path / 'old'}"])
+    assert "cannot be resumed" in error_line(capsys, ["train", f"--resume={tmp_path / 'old'}"])
 
 
 def test_every_shipped_config_parses():

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lmforge.common import LmforgeError
-from lmforge.config import Config
+from lmforge.config import Config, stage_layers
 from lmforge.research import activations as act
 
 if TYPE_CHECKING:
@@ -257,17 +257,6 @@ def parameter_units(cfg: Config, vocab: int, tp: int) -> tuple[Unit, list[Unit],
     return embed, blocks, head, model
 
 
-def stage_blocks(n_layer: int, pp: int) -> list[range]:
-    """Consecutive blocks of each stage, as even as possible (earlier stages take the extra)."""
-    base, extra = divmod(n_layer, pp)
-    out, start = [], 0
-    for s in range(pp):
-        size = base + (s < extra)
-        out.append(range(start, start + size))
-        start += size
-    return out
-
-
 def uses_fsdp(cfg: Config, sizes: dict[str, int]) -> bool:
     """FSDP wraps the model when it shards (dp_shard > 1) or offloads to the CPU."""
     return sizes["dp_shard"] > 1 or cfg.train.parallel.cpu_offload
@@ -393,7 +382,7 @@ def plan(cfg: Config, world_size: int, device: str = "cuda") -> Plan:
         flops_per_token=model.flops_per_token(cfg.model.block_size),
         tokens_per_step=t.micro_batch_size * t.grad_accum_steps * dp * cfg.model.block_size,
     )
-    ranges = stage_blocks(cfg.model.n_layer, sizes["pp"])
+    ranges = [stage_layers(cfg.model.n_layer, sizes["pp"], s) for s in range(sizes["pp"])]
     for ckpt in (False, True):
         result.stages[ckpt] = [
             _stage(cfg, s, r, (embed, blocks, head), shapes, vocab, sizes, ckpt, pp_schedule)

@@ -21,18 +21,11 @@ import torch
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+from lmforge.config import stage_layers
 from lmforge.model.gpt import GPT, compute_dtype
 from lmforge.train.losses import Batch, CausalLMLoss
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
-
-
-def stage_layers(n_layer: int, stages: int, stage: int) -> range:
-    """The blocks of `stage`: consecutive, as even as possible, earlier stages taking the
-    remainder (the last stage also runs the head)."""
-    base, extra = divmod(n_layer, stages)
-    start = stage * base + min(stage, extra)
-    return range(start, start + base + (stage < extra))
 
 
 class StageModel(nn.Module):
