@@ -102,7 +102,12 @@ class ModelConfig:
     sees every real token; padding stays hidden), for masked-LM encoders (train.objective=mlm).
     A bidirectional model cannot generate."""
     dropout: float = 0.0
-    """Dropout on embeddings, attention probabilities and residual branches."""
+    """Dropout on embeddings, residual branches and (unless attention_dropout is set)
+    attention probabilities."""
+    attention_dropout: float | None = None
+    """Dropout on attention probabilities; None = model.dropout. On CPU it is most of
+    dropout's cost (a mask over every (query, key) pair against one over the hidden width),
+    so attention_dropout=0 keeps the rest of dropout at almost no cost."""
     drop_path: float = 0.0
     """Stochastic-depth rate of the last block (linearly increasing from 0 over depth)."""
     tie_embeddings: bool = True
@@ -160,8 +165,13 @@ class ModelConfig:
             )
         if self.pos_encoding == "rope" and self.head_dim % 2:
             raise LmforgeError(f"RoPE needs an even head dim, got {self.head_dim}")
-        if not 0 <= self.dropout < 1 or not 0 <= self.drop_path < 1:
-            raise LmforgeError("model.dropout and model.drop_path must be in [0, 1)")
+        for name in ("dropout", "attention_dropout", "drop_path"):
+            if not 0 <= (getattr(self, name) or 0) < 1:
+                raise LmforgeError(f"model.{name}={getattr(self, name)} must be in [0, 1)")
+
+    @property
+    def attention_dropout_rate(self) -> float:
+        return self.dropout if self.attention_dropout is None else self.attention_dropout
 
     @property
     def kv_heads(self) -> int:
@@ -269,6 +279,27 @@ class ParallelConfig:
                 "--nproc-per-node x --nnodes (-1 takes the rest)"
             )
         return sizes
+
+
+def check_model_split(m: ModelConfig, tp: int, pp: int) -> None:
+    """What tensor and pipeline parallel need of the model alone: equal shares of heads and
+    channels per TP rank, full factors, no more stages than blocks (Config checks it, and so
+    does `lmforge plan` for the world sizes it plans)."""
+    if tp > 1:
+        for name, value in (
+            ("n_head", m.n_head),
+            ("n_kv_head", m.kv_heads),
+            ("ffn_hidden", m.ffn_dim),
+        ):
+            if value % tp:
+                raise LmforgeError(
+                    f"train.parallel.tp={tp} does not divide model.{name}={value}: each "
+                    "rank takes an equal share of the heads and hidden channels"
+                )
+        if m.low_rank is not None:
+            raise LmforgeError("train.parallel.tp > 1 cannot split model.low_rank's factors")
+    if pp > m.n_layer:
+        raise LmforgeError(f"train.parallel.pp={pp} is more stages than model.n_layer={m.n_layer}")
 
 
 def stage_layers(n_layer: int, stages: int, stage: int) -> range:
@@ -700,25 +731,9 @@ class Config:
         stages than blocks, untied embeddings (the first stage holds one, the last the other),
         enough micro-batches for 1F1B, plain causal windows between stages."""
         m, t, tp, pp = self.model, self.train, self.train.parallel.tp, self.train.parallel.pp
-        if tp > 1:
-            for name, value in (
-                ("n_head", m.n_head),
-                ("n_kv_head", m.kv_heads),
-                ("ffn_hidden", m.ffn_dim),
-            ):
-                if value % tp:
-                    raise LmforgeError(
-                        f"train.parallel.tp={tp} does not divide model.{name}={value}: each "
-                        "rank takes an equal share of the heads and hidden channels"
-                    )
-            if m.low_rank is not None:
-                raise LmforgeError("train.parallel.tp > 1 cannot split model.low_rank's factors")
+        check_model_split(m, tp, pp)
         if pp == 1:
             return
-        if pp > m.n_layer:
-            raise LmforgeError(
-                f"train.parallel.pp={pp} is more stages than model.n_layer={m.n_layer}"
-            )
         if m.tie_embeddings:
             raise LmforgeError(
                 "train.parallel.pp > 1 needs model.tie_embeddings=false: the embedding sits on "

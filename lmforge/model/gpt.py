@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lmforge.common import LmforgeError
 from lmforge.config import ModelConfig
+from lmforge.model.dropout import Dropout, dropout
 from lmforge.model.masks import AttentionPattern, BlockMask, Mask, check_backend, flex_attend
 
 SDPA_HAS_GQA = torch.__version__ >= "2.5"
@@ -108,15 +109,17 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def explicit_attention_pays(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | bool) -> bool:
+def explicit_attention_pays(
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | bool, dropout_p: float = 0.0
+) -> bool:
     """Whether `attend` should use causal_attention rather than SDPA: plain causal attention
-    over T <= EXPLICIT_ATTENTION_MAX_T queries and as many keys, on CPU, in bf16/fp16."""
-    return (
-        mask is True
-        and q.device.type == "cpu"
-        and compute_dtype(q) in (torch.bfloat16, torch.float16)
-        and q.size(-2) == k.size(-2) <= EXPLICIT_ATTENTION_MAX_T
-    )
+    on CPU over as many keys as queries, either in bf16/fp16 with T <= EXPLICIT_ATTENTION_MAX_T,
+    or with attention dropout at any length and dtype (SDPA's CPU dropout draws a float per
+    probability, ~3x the cost of lmforge.model.dropout's masks)."""
+    if mask is not True or q.device.type != "cpu" or q.size(-2) != k.size(-2):
+        return False
+    low_precision = compute_dtype(q) in (torch.bfloat16, torch.float16)
+    return dropout_p > 0 or (low_precision and q.size(-2) <= EXPLICIT_ATTENTION_MAX_T)
 
 
 def causal_attention(
@@ -131,7 +134,7 @@ def causal_attention(
     scores = torch.baddbmm(  # (B*nh, T, T), the mask added by the matmul itself
         causal.expand(B * nh, T, T), (q * hd**-0.5).flatten(0, 1), k.flatten(0, 1).mT
     )
-    probs = F.dropout(scores.softmax(dim=-1), dropout_p)  # dropout_p > 0 only in training
+    probs = dropout(scores.softmax(dim=-1), dropout_p)  # dropout_p > 0 only in training
     return (probs @ v.flatten(0, 1)).view(B, nh, T, hd)
 
 
@@ -145,7 +148,7 @@ def attend(
         return flex_attend(q, k, v, mask, dropout_p)
     gqa = {}
     nh, nkv = q.size(1), k.size(1)
-    if explicit_attention_pays(q, k, mask):
+    if explicit_attention_pays(q, k, mask, dropout_p):
         if nkv != nh:
             k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hd)
             v = v.repeat_interleave(nh // nkv, dim=1)
@@ -246,8 +249,8 @@ class Attention(nn.Module):
         # with the weights (a cause of loss spikes at high learning rates); None when off
         self.q_norm = HeadNorm(self.hd, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = HeadNorm(self.hd, eps=cfg.norm_eps) if cfg.qk_norm else None
-        self.dropout = cfg.dropout
-        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.attention_dropout_rate
+        self.resid_drop = Dropout(cfg.dropout)
 
     def forward(self, x, rope, mask, kv_cache: KVCache | None, prefix_kv=None) -> torch.Tensor:
         """prefix_kv (2, nkv, P, hd): this layer's Prefix keys/values, put before every row's."""
@@ -293,7 +296,7 @@ class MLP(nn.Module):
         else:
             self.fc = block_linear(cfg, cfg.d_model, hidden)
         self.proj = block_linear(cfg, hidden, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(compute_dtype(x))  # one autocast copy for gate and up (Attention.forward)
@@ -409,7 +412,7 @@ class GPT(nn.Module):
         self.wpe = (
             nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_encoding == "learned" else None
         )
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -623,15 +626,19 @@ class GPT(nn.Module):
             logits = cap * torch.tanh(logits / cap)
         return logits
 
-    def set_regularisation(self, dropout: float, drop_path: float) -> None:
+    def set_regularisation(
+        self, dropout: float, drop_path: float, attention_dropout: float | None = None
+    ) -> None:
         """Change dropout and stochastic depth of a built model, e.g. to fine-tune with dropout a
         base pretrained without it: neither holds weights."""
-        self.config = replace(self.config, dropout=dropout, drop_path=drop_path)
+        self.config = replace(
+            self.config, dropout=dropout, drop_path=drop_path, attention_dropout=attention_dropout
+        )
         for module in self.modules():
             if isinstance(module, nn.Dropout):
                 module.p = dropout
             elif isinstance(module, Attention):
-                module.dropout = dropout
+                module.dropout = self.config.attention_dropout_rate
         for layer, block in enumerate(self.blocks):
             block.drop_path.rate = drop_path_rate(self.config, layer)
 

@@ -140,7 +140,7 @@ def hf_config(cfg: ModelConfig, tokenizer: Tokenizer | None = None) -> dict[str,
             "layer_norm_epsilon": cfg.norm_eps,
             "resid_pdrop": cfg.dropout,
             "embd_pdrop": cfg.dropout,
-            "attn_pdrop": cfg.dropout,
+            "attn_pdrop": cfg.attention_dropout_rate,
         }
     return common | {
         "architectures": ["LlamaForCausalLM"],
@@ -159,7 +159,7 @@ def hf_config(cfg: ModelConfig, tokenizer: Tokenizer | None = None) -> dict[str,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "attention_bias": cfg.bias,
         "mlp_bias": cfg.bias,
-        "attention_dropout": cfg.dropout,
+        "attention_dropout": cfg.attention_dropout_rate,
     }
 
 
@@ -179,6 +179,7 @@ def _gpt2_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
         if hf.get(key, ok) != ok:
             problems.append(f"{key}={hf[key]}")
     _unsupported(where, problems)
+    attn_pdrop = hf.get("attn_pdrop", 0.1)
     return {
         "preset": "custom",
         "mlp": _GPT2_ACTIVATIONS[act],
@@ -193,7 +194,8 @@ def _gpt2_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
         "n_kv_head": None,
         "ffn_hidden": hf.get("n_inner"),
         "norm_eps": hf.get("layer_norm_epsilon", 1e-5),
-        "dropout": hf.get("resid_pdrop", 0.1),  # HF's three dropout rates share our one
+        "dropout": hf.get("resid_pdrop", 0.1),  # HF's embedding and residual rates share one
+        "attention_dropout": None if attn_pdrop == hf.get("resid_pdrop", 0.1) else attn_pdrop,
         "tie_embeddings": hf.get("tie_word_embeddings", True),
     }
 

@@ -194,8 +194,8 @@ def flex_attend(
     rather than a silent switch to the dense mask."""
     if dropout_p:
         raise LmforgeError(
-            "model.attention_backend=flex has no attention dropout: set model.dropout=0 or "
-            "use model.attention_backend=auto"
+            "model.attention_backend=flex has no attention dropout: set "
+            "model.attention_dropout=0 or use model.attention_backend=auto"
         )
     if q.requires_grad:
         require_flex_backward(q.device.type)

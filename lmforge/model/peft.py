@@ -34,6 +34,7 @@ from torch import nn
 from lmforge.common import LmforgeError
 from lmforge.config import ModelConfig, PeftConfig, build_config, read_yaml
 from lmforge.fileio import atomic_folder
+from lmforge.model.dropout import Dropout
 from lmforge.model.gpt import FUSED, GPT, KVCache, Prefix, split_fused
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -56,7 +57,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(base.weight.new_empty(rank, base.in_features))
         self.lora_B = nn.Parameter(base.weight.new_zeros(base.out_features, rank))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.dropout = Dropout(dropout) if dropout else nn.Identity()
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -96,9 +96,10 @@ def evaluate_policy(
 def check_settings(cfg: Config) -> None:
     if not cfg.ppo.reward:
         raise LmforgeError("no reward model: give --reward RM_CKPT (trained by `lmforge reward`)")
-    if cfg.model.dropout or cfg.model.drop_path:
+    if cfg.model.dropout or cfg.model.attention_dropout or cfg.model.drop_path:
         raise LmforgeError(
-            f"model.dropout={cfg.model.dropout} and model.drop_path={cfg.model.drop_path} "
+            f"model.dropout={cfg.model.dropout}, model.attention_dropout="
+            f"{cfg.model.attention_dropout} and model.drop_path={cfg.model.drop_path} "
             "must be 0 for PPO: the rollout's log-probabilities are taken without dropout, "
             "so any would bias the policy ratio"
         )

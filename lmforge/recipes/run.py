@@ -53,12 +53,14 @@ def load_base(cfg: Config, causal_task: str | None = None) -> tuple[Path, object
         raise LmforgeError(f"{base} has no tokenizer/, so the data cannot be encoded")
     for module in model.modules():
         if isinstance(module, GPT):
-            module.set_regularisation(cfg.model.dropout, cfg.model.drop_path)
+            module.set_regularisation(
+                cfg.model.dropout, cfg.model.drop_path, cfg.model.attention_dropout
+            )
     return base, model.train(), tokenizer
 
 
 # model fields that hold no weights: a fine-tuning run may set its own
-REGULARISATION = {"dropout", "drop_path"}
+REGULARISATION = {"dropout", "attention_dropout", "drop_path"}
 
 
 def check_architecture(wanted: ModelConfig, base_model: ModelConfig, base: Path) -> None:

@@ -10,10 +10,11 @@ between devices and save different tensors, so `device` picks them:
   repeated to every query head (fp32, or an explicit mask: lmforge.model.gpt.sdpa_gqa);
   fused RMSNorm (saves its input and 1/rms); dropout keeps a 1-byte mask; attention dropout
   is fused into the kernel (a random seed, no mask).
-- "cpu" (what the tests measure): SDPA's CPU flash kernel, or its math path (probabilities
-  and masks materialised) when attention dropout is on; bf16/fp16 causal attention over at
-  most EXPLICIT_ATTENTION_MAX_T tokens written out (gpt.causal_attention); RMSNorm as its
-  composite (also saves the normalised input); dropout keeps its scaled noise in the
+- "cpu" (what the tests measure): SDPA's CPU flash kernel; causal attention written out
+  (gpt.causal_attention) in bf16/fp16 over at most EXPLICIT_ATTENTION_MAX_T tokens and
+  whenever attention dropout is on (SDPA's math path instead under an explicit mask, both
+  materialising probabilities and masks); RMSNorm as its
+  composite (also saves the normalised input); dropout keeps its 0/1 mask in the
   input's dtype.
 
 Precision: fp32 keeps everything in fp32. bf16/fp16 autocast over fp32 master weights keeps
@@ -130,7 +131,7 @@ def attention_saved(s: Shapes) -> dict[str, float]:
     q_width, kv_width = s.nh * s.hd, s.nkv * s.hd
     out: dict[str, float] = {"attn.q/k/v input": n * s.act * cfg.d_model}
     explicit_mask = s.dense_mask_rows > 0
-    dropout = cfg.dropout > 0
+    dropout = cfg.attention_dropout_rate > 0
     cpu_explicit = (
         s.device == "cpu"
         and s.low_precision
