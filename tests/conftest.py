@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ import torch
 
 from lmforge.cli import main
 from lmforge.config import build_config, model_config
+from lmforge.data.loader import bundled_text_path
 from lmforge.model.gpt import FUSED, GPT
 from lmforge.model.heads import RewardModel
 from lmforge.train.checkpoint import save_checkpoint
@@ -79,3 +83,21 @@ def error_line(capsys, argv: list[str]) -> str:
     assert code != 0
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     return err
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    """The first 40,000 characters of the bundled Shakespeare: enough for tiny runs."""
+    path = tmp_path_factory.mktemp("data") / "shakespeare_40k.txt"
+    path.write_text(bundled_text_path().read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    return path
+
+
+def torchrun(nproc: int, *argv: str, cwd: Path) -> None:
+    """`lmforge ARGV...` on `nproc` processes under torchrun (one thread each); fails the test
+    with the output's tail when it fails."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += ["--nproc-per-node", str(nproc), "-m", "lmforge", *argv]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

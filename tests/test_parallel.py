@@ -6,18 +6,15 @@ parallel (FSDP2), hybrid sharding, tensor parallel (alone and under FSDP) and pi
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import torchrun
 
 from lmforge.cli import main
 from lmforge.common import LmforgeError
 from lmforge.config import ParallelConfig, build_config, stage_layers
-from lmforge.data.loader import bundled_text_path
 from lmforge.model.gpt import GPT
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import init_distributed
@@ -25,13 +22,6 @@ from lmforge.train.optim import build_optimizers
 
 GLOBAL_BATCH = 8  # sequences per optimizer step, whatever the world size
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "shakespeare_40k.txt"
-    path.write_text(bundled_text_path().read_text(encoding="utf-8")[:40_000], encoding="utf-8")
-    return path
 
 
 def _args(text_file: Path, run_dir: Path, name: str, world: int, *extra: str) -> list[str]:
@@ -56,14 +46,6 @@ def _args(text_file: Path, run_dir: Path, name: str, world: int, *extra: str) ->
         f"--run.name={name}",
         *extra,
     ]
-
-
-def _torchrun(nproc: int, *argv: str, cwd: Path) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += ["--nproc-per-node", str(nproc), "-m", "lmforge", *argv]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
 def _losses(run_dir: Path) -> dict[tuple[str, int], float]:
@@ -105,7 +87,7 @@ def single_untied(text_file, tmp_path_factory) -> dict:
 
 def test_fsdp_matches_one_process_and_reshards_4_2_1(text_file, single, tmp_path):
     shard = "--train.parallel.dp_shard={}".format
-    _torchrun(4, "train", *_args(text_file, tmp_path, "fsdp", 4, shard(4)), cwd=tmp_path)
+    torchrun(4, "train", *_args(text_file, tmp_path, "fsdp", 4, shard(4)), cwd=tmp_path)
     run = tmp_path / "fsdp"
     _assert_close(_losses(run), single, range(0, 7))  # FSDP over 4 processes, Muon + AdamW
     step_2 = run / "checkpoints" / "step_0000002"
@@ -124,7 +106,7 @@ def test_fsdp_matches_one_process_and_reshards_4_2_1(text_file, single, tmp_path
 
     _point_latest(run, 2)  # resume at 2 processes, 2 shards
     resume = [f"--resume={run}", shard(2), f"--train.micro_batch_size={GLOBAL_BATCH // 4}"]
-    _torchrun(2, "train", *resume, cwd=tmp_path)
+    torchrun(2, "train", *resume, cwd=tmp_path)
     _assert_close(_losses(run), single, range(3, 7))
 
     _point_latest(run, 4)  # and in one plain process
@@ -137,7 +119,7 @@ def test_hybrid_sharding_with_adamw_matches_one_process(text_file, tmp_path):
     """HSDP: 2 replicas of 2 shards; AdamW's fused kernel on sharded parameters."""
     adamw = "--train.optimizer=adamw"
     layout = ["--train.parallel.dp_replicate=2", "--train.parallel.dp_shard=2"]
-    _torchrun(4, "train", *_args(text_file, tmp_path, "hsdp", 4, adamw, *layout), cwd=tmp_path)
+    torchrun(4, "train", *_args(text_file, tmp_path, "hsdp", 4, adamw, *layout), cwd=tmp_path)
     assert main(["train", *_args(text_file, tmp_path, "one", 1, adamw)]) == 0
     _assert_close(_losses(tmp_path / "hsdp"), _losses(tmp_path / "one"), range(0, 7))
 
@@ -149,7 +131,7 @@ def test_pipeline_matches_one_process(schedule, text_file, single_untied, tmp_pa
     layout = ["--train.parallel.pp=2", f"--train.parallel.pp_schedule={schedule}"]
     # both stages read the whole batch: the data-parallel size is 1
     argv = _args(text_file, tmp_path, "pp", 1, UNTIED, *layout)
-    _torchrun(2, "train", *argv, cwd=tmp_path)
+    torchrun(2, "train", *argv, cwd=tmp_path)
     run = tmp_path / "pp"
     _assert_close(_losses(run), single_untied, range(0, 7))
     names = ckpt.load(run / "checkpoints" / "step_0000002")[0].state_dict().keys()
@@ -162,7 +144,7 @@ def test_pipeline_matches_one_process(schedule, text_file, single_untied, tmp_pa
 
 def test_tensor_parallel_matches_one_process(text_file, single, tmp_path):
     """GPT-2 style (learned positions, GELU, biases, a tied head kept whole) over 2 ranks."""
-    _torchrun(
+    torchrun(
         2, "train", *_args(text_file, tmp_path, "tp", 1, "--train.parallel.tp=2"), cwd=tmp_path
     )
     _assert_close(_losses(tmp_path / "tp"), single, range(0, 7))
@@ -177,10 +159,10 @@ def test_fsdp_with_tensor_parallel_matches_one_process(text_file, tmp_path):
     assert main(["train", *_args(text_file, tmp_path, "one", 1, *LLAMA)]) == 0
     want = _losses(tmp_path / "one")
     tp = ["--train.parallel.tp=2"]
-    _torchrun(2, "train", *_args(text_file, tmp_path, "tp", 1, *LLAMA, *tp), cwd=tmp_path)
+    torchrun(2, "train", *_args(text_file, tmp_path, "tp", 1, *LLAMA, *tp), cwd=tmp_path)
     _assert_close(_losses(tmp_path / "tp"), want, range(0, 7))
     layout = [*tp, "--train.parallel.dp_shard=2"]
-    _torchrun(4, "train", *_args(text_file, tmp_path, "2d", 2, *LLAMA, *layout), cwd=tmp_path)
+    torchrun(4, "train", *_args(text_file, tmp_path, "2d", 2, *LLAMA, *layout), cwd=tmp_path)
     run = tmp_path / "2d"
     _assert_close(_losses(run), want, range(0, 7))
     _point_latest(run, 4)
@@ -238,7 +220,7 @@ def test_unsharded_checkpoint_resumes_sharded(text_file, single, tmp_path):
     _point_latest(run, 2)
     resume = [f"--resume={run}", "--train.parallel.dp_shard=2", "--train.micro_batch_size=2"]
     resume += ["--train.parallel.cpu_offload=true", "--train.parallel.reshard_after_forward=false"]
-    _torchrun(2, "train", *resume, cwd=tmp_path)
+    torchrun(2, "train", *resume, cwd=tmp_path)
     _assert_close(_losses(run), single, range(3, 7))
     assert (run / "checkpoints" / "step_0000004" / ckpt.SHARDED).is_dir()
 

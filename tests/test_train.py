@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import error_line
+from conftest import error_line, torchrun
 from safetensors.torch import load_file, save_file
 
 from lmforge.cli import main
 from lmforge.config import build_config
-from lmforge.data.loader import RandomWindowLoader, bundled_text_path
+from lmforge.data.loader import RandomWindowLoader
 from lmforge.model.gpt import GPT
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import DistInfo
@@ -29,13 +29,6 @@ from lmforge.train.schedule import accum_steps_at, lr_at
 from lmforge.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "shakespeare_40k.txt"
-    path.write_text(bundled_text_path().read_text(encoding="utf-8")[:40_000], encoding="utf-8")
-    return path
 
 
 def tiny_cfg(text_file: Path, run_dir: Path, **train) -> object:
@@ -582,23 +575,6 @@ def test_repeated_nan_stops_with_a_clear_message(text_file, tmp_path):
         trainer.fit()
 
 
-def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "lmforge",
-        "train",
-        *args,
-    ]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
-
-
 def test_ddp_two_processes_match_one_process(text_file, tmp_path):
     common = [
         f"--data.path={text_file}",
@@ -613,14 +589,15 @@ def test_ddp_two_processes_match_one_process(text_file, tmp_path):
         "--run.peak_tflops=1",
         f"--run.dir={tmp_path}",
     ]
-    proc = _torchrun(
+    torchrun(
+        2,
+        "train",
         *common,
         "--run.name=ddp",
         "--train.micro_batch_size=2",
         "--train.grad_accum_steps=2",
         cwd=tmp_path,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     assert (
         main(
             [

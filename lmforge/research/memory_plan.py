@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lmforge.common import LmforgeError
-from lmforge.config import Config, stage_layers
+from lmforge.config import Config, check_model_split, stage_layers
 from lmforge.research import activations as act
 
 if TYPE_CHECKING:
@@ -213,18 +213,7 @@ def check_layout(cfg: Config, world_size: int) -> dict[str, int]:
     if world_size < 1:
         raise LmforgeError(f"--world-size={world_size} must be >= 1")
     sizes = cfg.train.parallel.sizes(world_size)
-    m, tp, pp = cfg.model, sizes["tp"], sizes["pp"]
-    for key, value in (("n_head", m.n_head), ("n_kv_head", m.kv_heads), ("ffn_hidden", m.ffn_dim)):
-        if value % tp:
-            raise LmforgeError(
-                f"train.parallel.tp={tp} does not divide model.{key}={value}: tensor "
-                "parallelism splits whole heads and MLP channels (pick a tp that divides it)"
-            )
-    if pp > m.n_layer:
-        raise LmforgeError(
-            f"train.parallel.pp={pp} is more than model.n_layer={m.n_layer}: every pipeline "
-            "stage needs at least one block"
-        )
+    check_model_split(cfg.model, sizes["tp"], sizes["pp"])
     return sizes
 
 
