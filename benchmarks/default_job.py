@@ -18,12 +18,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lmforge.cli.train import default_job_overrides
 from lmforge.hardware import cpu_bf16_speedup, cpu_has_native_bf16, pick_precision
 
 
 def run(precision: str, minutes: float, run_dir: Path) -> list[dict]:
     cmd = [
-        sys.executable, "-m", "lmforge", "train",
+        sys.executable, "-m", "lmforge", "train", *default_job_overrides(),
         f"--train.precision={precision}", f"--train.max_minutes={minutes}",
         f"--run.dir={run_dir}", f"--run.name={precision}", "--run.sample_tokens=0",
     ]  # fmt: skip

@@ -30,6 +30,8 @@ from pathlib import Path
 
 from train_vs_nanogpt import RECIPE, prepare_nanogpt_data, timed_lines
 
+from lmforge.cli.train import default_job_overrides
+
 NANO = (r"^iter (\d+): loss", r"^step (\d+): train loss [\d.]+, val loss ([\d.]+)")
 OURS = (r"^step (\d+) \| loss", r"^step (\d+) \| val_loss ([\d.]+)")
 
@@ -83,10 +85,10 @@ def main() -> None:
         f"--eval_iters={args.eval_iters}", "--log_interval=1",
         f"--eval_interval={args.eval_interval}", f"--out_dir={tempfile.mkdtemp()}",
     ]  # fmt: skip
-    # the default job is `lmforge train` with no arguments (5 minutes); these only make it
-    # report every step and evaluate as often as nanoGPT
+    # the default job is `lmforge train` with no arguments (5 minutes, late dropout): its
+    # settings, then the ones that make it report every step and evaluate as often as nanoGPT
     ours_cmd = [
-        sys.executable, "-m", "lmforge", "train", "--train.max_minutes=5",
+        sys.executable, "-m", "lmforge", "train", *default_job_overrides(),
         f"--train.eval_interval={args.eval_interval}", "--train.log_interval=1",
         "--run.sample_tokens=0", "--run.tensorboard=false", f"--run.dir={tempfile.mkdtemp()}",
         *args.lmforge_args.split(),

@@ -312,9 +312,11 @@ def stage_layers(n_layer: int, stages: int, stage: int) -> range:
 
 @dataclass
 class TrainConfig:
-    """How to train. The defaults are the default job's recipe (Muon, 2,800 steps of 8 x 256
-    tokens), chosen by measured time to quality on a 2-core CPU (BENCHMARKS.md); post-training
-    verbs put their own defaults on top (lmforge/cli/options.py FINE_TUNING_DEFAULTS)."""
+    """How to train. The defaults are the default job's recipe without dropout (Muon, 2,800
+    steps of 8 x 256 tokens), chosen by measured time to quality on a 2-core CPU
+    (BENCHMARKS.md); `lmforge train` with no arguments adds late dropout and a time limit
+    (lmforge/cli/train.py DEFAULT_JOB); post-training verbs put their own defaults on top
+    (lmforge/cli/options.py FINE_TUNING_DEFAULTS)."""
 
     seed: int = 1337
     """Fixes init, data order and dropout: same seed, same run (bitwise on CPU)."""
@@ -358,6 +360,10 @@ class TrainConfig:
     """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing (training loss only; eval is plain)."""
+    dropout_start: int = 0
+    """Steps trained without dropout before model.dropout and model.attention_dropout turn
+    on ("late dropout", Liu et al. 2023): the first steps learn at full speed, dropout then
+    holds back overfitting."""
     objective: str = "causal"
     """Pretraining objective: causal (next-token prediction) or mlm (BERT's masked-language
     modelling: predict the tokens hidden in the input; needs model.causal=false)."""
@@ -431,6 +437,7 @@ class TrainConfig:
             "batch_ramp_interval",
             "keep_last",
             "label_smoothing",
+            "dropout_start",
             "muon_momentum",
             "muon_weight_decay",
         ):

@@ -484,6 +484,9 @@ def test_only_the_default_job_has_a_time_limit(monkeypatch, tmp_path):
     assert main(["train", "--config", str(REPO / "configs" / "train_gpt2_124m.yaml")]) == 0
     assert main(["train", "--train.lr=1e-3"]) == 0
     assert [c.train.max_minutes for c in seen] == [5.0, None, None]
+    assert [c.train.dropout_start for c in seen] == [700, 0, 0]
+    assert [c.model.dropout for c in seen] == [0.05, 0.0, 0.0]
+    assert build_config(overrides=train_cli.default_job_overrides()) == seen[0]  # benchmarks
     assert build_config().train.max_minutes is None
 
 
@@ -813,3 +816,18 @@ def test_wandb_and_mlflow_receive_the_same_scalars(text_file, tmp_path, monkeypa
     logger.close()
     assert calls["wandb"] == calls["mlflow"] == [(3, {"loss": 2.5, "lr": 1e-3, "skipped": True})]
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 2.5
+
+
+def test_late_dropout_is_off_before_its_start_step_and_on_after(text_file, tmp_path):
+    """train.dropout_start: the first steps equal a run without dropout bitwise; from the
+    start step on, dropout is at the model's rates (and the runs part)."""
+    tokens = torch.randint(0, 65, (5000,), generator=torch.Generator().manual_seed(0))
+    plain = make_trainer(tiny_cfg(text_file, tmp_path), tokens, tmp_path / "plain")
+    cfg = tiny_cfg(text_file, tmp_path, dropout_start=2)
+    cfg.model.dropout, cfg.model.attention_dropout = 0.3, 0.2
+    late = make_trainer(cfg, tokens, tmp_path / "late")
+    for step in range(3):
+        a, b = plain.train_step()["loss"], late.train_step()["loss"]
+        assert (a == b) == (step < 2), step
+    attention = late.model.blocks[0].attn
+    assert (late.model.drop.p, attention.dropout) == (0.3, 0.2)

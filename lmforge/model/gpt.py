@@ -195,6 +195,16 @@ class HeadNorm(nn.RMSNorm):
         return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
 
 
+def set_dropout(module: nn.Module, dropout: float, attention_dropout: float) -> None:
+    """Set the rates of every dropout inside `module` (a model, a wrapped one or a pipeline
+    stage): embeddings and residual branches, and attention probabilities."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = dropout
+        elif isinstance(m, Attention):
+            m.dropout = attention_dropout
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drop a whole residual branch per sample, scaling survivors by 1/keep."""
 
@@ -634,11 +644,7 @@ class GPT(nn.Module):
         self.config = replace(
             self.config, dropout=dropout, drop_path=drop_path, attention_dropout=attention_dropout
         )
-        for module in self.modules():
-            if isinstance(module, nn.Dropout):
-                module.p = dropout
-            elif isinstance(module, Attention):
-                module.dropout = self.config.attention_dropout_rate
+        set_dropout(self, dropout, self.config.attention_dropout_rate)
         for layer, block in enumerate(self.blocks):
             block.drop_path.rate = drop_path_rate(self.config, layer)
 

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from lmforge.common import LmforgeError
 from lmforge.config import Config, save_config, to_dict
 from lmforge.hardware import autocast_context, device_peak_flops, enable_tf32, pick_precision
+from lmforge.model.gpt import set_dropout
 from lmforge.model.masks import require_flex_backward
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import (
@@ -167,6 +168,7 @@ class Trainer:
         # the TP and pipeline ranks of one data-parallel rank share its batches
         units_total = all_reduce_sum(units).item() * self.dist.dp_size / self.dist.world_size
         model.train()
+        self._late_dropout()
 
         def backward(loss: torch.Tensor) -> None:  # DDP/FSDP average over ranks: undo that
             self.scaler.scale(loss * self.dist.dp_size).backward()
@@ -214,6 +216,14 @@ class Trainer:
         if accum != self.tcfg.grad_accum_steps or self.tcfg.batch_ramp_interval:
             row["accum"] = accum
         return row
+
+    def _late_dropout(self) -> None:
+        """Dropout off before train.dropout_start, at the model's rates from then on (resumed
+        runs included: it depends on the step alone)."""
+        if self.tcfg.dropout_start:
+            on = self.step >= self.tcfg.dropout_start
+            m = self.cfg.model
+            set_dropout(self.model, m.dropout * on, m.attention_dropout_rate * on)
 
     def _run_batches(
         self,
