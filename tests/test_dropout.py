@@ -87,3 +87,20 @@ def test_gpt2_dropout_rates_round_trip_through_the_hf_config(dropout_rate, atten
     assert exported["resid_pdrop"] == exported["embd_pdrop"] == dropout_rate
     back = model_config_from_hf(exported).model
     assert (back.dropout, back.attention_dropout_rate) == (dropout_rate, cfg.attention_dropout_rate)
+
+
+def test_changing_the_model_rates_leaves_an_adapter_dropout_alone():
+    """Late dropout (train.dropout_start) switches the model's rates during a LoRA run; LoRA's
+    own dropout (peft.dropout) is another setting and keeps its rate."""
+    from lmforge.config import PeftConfig
+    from lmforge.model.gpt import set_dropout
+    from lmforge.model.peft import LoRALinear, apply_peft
+
+    base = GPT(ModelConfig(vocab_size=32, block_size=16, n_layer=1, n_head=2, d_model=16))
+    model = apply_peft(base, PeftConfig(method="lora", dropout=0.3))
+    set_dropout(model, 0.1, 0.2)
+    lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert lora and all(m.dropout.p == 0.3 for m in lora)
+    block = base.blocks[0]
+    assert (base.drop.p, block.mlp.drop.p, block.attn.resid_drop.p) == (0.1, 0.1, 0.1)
+    assert block.attn.dropout == 0.2

@@ -196,13 +196,14 @@ class HeadNorm(nn.RMSNorm):
 
 
 def set_dropout(module: nn.Module, dropout: float, attention_dropout: float) -> None:
-    """Set the rates of every dropout inside `module` (a model, a wrapped one or a pipeline
-    stage): embeddings and residual branches, and attention probabilities."""
+    """Set the model's dropout rates inside `module` (a model, a wrapped one or a pipeline
+    stage): embeddings and residual branches, and attention probabilities. An adapter's own
+    dropout (LoRA's, peft.dropout) keeps its rate."""
     for m in module.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = dropout
-        elif isinstance(m, Attention):
-            m.dropout = attention_dropout
+        if isinstance(m, Attention):
+            m.resid_drop.p, m.dropout = dropout, attention_dropout
+        elif isinstance(m, MLP) or hasattr(m, "wte"):  # a GPT's or a first stage's embeddings
+            m.drop.p = dropout
 
 
 class DropPath(nn.Module):
