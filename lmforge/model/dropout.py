@@ -16,12 +16,12 @@ import torch.nn.functional as F
 LANES = 65536  # a 16-bit lane's values: the rate's resolution
 
 
-def keep_mask(shape: torch.Size, p: float, generator: torch.Generator | None = None):
+def keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
     """Boolean tensor of `shape`, each element True with probability 1 - round(p * 65536) /
     65536, drawn from the CPU generator (seeded runs stay bitwise reproducible)."""
     numel = shape.numel()
     words = torch.empty((numel + 3) // 4, dtype=torch.int64)
-    words.random_(-(2**63), 2**63 - 1, generator=generator)  # every bit uniform
+    words.random_(-(2**63), 2**63 - 1)  # every bit uniform
     lanes = words.view(torch.int16)[:numel].view(shape)  # uniform on [-32768, 32767]
     return lanes >= round(p * LANES) - LANES // 2
 

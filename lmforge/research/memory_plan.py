@@ -55,8 +55,6 @@ if TYPE_CHECKING:
 PARAM_BYTES = 4
 """fp32 parameters and gradients."""
 ADAMW_STATES = 2
-COLUMN_PARALLEL = ("attn.q", "attn.k", "attn.v", "mlp.fc", "mlp.gate", "mlp.up")
-"""Block Linears split by output channels under tensor parallelism: their biases split too."""
 
 
 @dataclass
@@ -224,6 +222,7 @@ def parameter_units(cfg: Config, vocab: int, tp: int) -> tuple[Unit, list[Unit],
 
     from lmforge.model.gpt import GPT
     from lmforge.train.optim import is_muon_matrix
+    from lmforge.train.tensor_parallel import COLUMN_WISE  # their biases split too
 
     with torch.device("meta"):
         model = GPT(replace(cfg.model, vocab_size=vocab))
@@ -234,7 +233,7 @@ def parameter_units(cfg: Config, vocab: int, tp: int) -> tuple[Unit, list[Unit],
         parts = name.split(".")
         if parts[0] == "blocks":
             module = ".".join(parts[2:-1])  # e.g. attn.q, or attn.q.0 (low-rank)
-            column = any(module == c or module.startswith(c + ".") for c in COLUMN_PARALLEL)
+            column = any(module == c or module.startswith(c + ".") for c in COLUMN_WISE)
             numel = p.numel() / tp if p.dim() == 2 or column else p.numel()  # norms: whole
             blocks[int(parts[1])].add(numel, muon and is_muon_matrix(name, p), p.dim() == 2)
         elif parts[0] == "wte":

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lmforge.model.gpt import FUSED
 from lmforge.train.muon import Muon
 
 
@@ -29,8 +30,11 @@ def is_muon_matrix(name: str, param: torch.Tensor) -> bool:
     return param.dim() == 2 and ".blocks." in f".{name}"
 
 
-JOINT = (("attn.q", "attn.k", "attn.v"), ("mlp.gate", "mlp.up"))
-"""Linears that Muon orthogonalises as one stacked matrix (see Muon's docstring)."""
+JOINT = tuple(
+    tuple(f"{fused.split('.')[0]}.{part}" for part in parts) for fused, parts in FUSED.items()
+)
+"""Linears that Muon orthogonalises as one stacked matrix, the parts of what older lmforge
+fused ((attn.q, attn.k, attn.v) and (mlp.gate, mlp.up); see Muon's docstring)."""
 
 
 def joint_matrices(named, matrices: list[torch.Tensor]) -> list[list[torch.Tensor]]:
