@@ -115,7 +115,7 @@ def explicit_attention_pays(
     """Whether `attend` should use causal_attention rather than SDPA: plain causal attention
     on CPU over as many keys as queries, either in bf16/fp16 with T <= EXPLICIT_ATTENTION_MAX_T,
     or with attention dropout at any length and dtype (SDPA's CPU dropout draws a float per
-    probability, ~3x the cost of lmforge.model.dropout's masks)."""
+    probability, 2-3x the cost of lmforge.model.dropout's masks)."""
     if mask is not True or q.device.type != "cpu" or q.size(-2) != k.size(-2):
         return False
     low_precision = compute_dtype(q) in (torch.bfloat16, torch.float16)
