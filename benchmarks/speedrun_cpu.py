@@ -15,13 +15,15 @@ rounded up to the next evaluation. The target is nanoGPT's final validation loss
 for each program the script prints the first evaluation at or below it: its step, its wall
 time from process start, and its training time (wall time less the evaluation pauses, which
 eval every 50 steps would otherwise count against nanoGPT most: it evaluates both splits).
-The ratio is lmforge's training time to the target over nanoGPT's.
+The ratio is lmforge's training time to the target over nanoGPT's. Losses are in nats per
+character, whatever the tokenizer (lmforge's from its bits per byte).
 """
 
 from __future__ import annotations
 
 import argparse
 import bisect
+import math
 import re
 import statistics
 import sys
@@ -32,17 +34,22 @@ from train_vs_nanogpt import RECIPE, prepare_nanogpt_data, timed_lines
 
 from lmforge.cli.train import default_job_overrides
 
-NANO = (r"^iter (\d+): loss", r"^step (\d+): train loss [\d.]+, val loss ([\d.]+)")
-OURS = (r"^step (\d+) \| loss", r"^step (\d+) \| val_loss ([\d.]+)")
+NANO = (r"^iter (\d+): loss", r"^step (\d+): train loss [\d.]+, val loss ([\d.]+)", 1.0)
+OURS = (r"^step (\d+) \| loss", r"^step (\d+) \| val_loss [\d.]+ \| val_bpb ([\d.]+)", math.log(2))
+"""(iteration line, evaluation line, factor to nats per character): nanoGPT's loss is per
+character already; lmforge's bits per byte are read instead of its per-token loss, so that a
+tokenizer other than characters compares (Shakespeare is ASCII: a byte is a character)."""
 
 
-def evaluations(lines, iter_re: str, val_re: str) -> list[dict]:
-    """Each evaluation's step, val loss, wall time and training time (wall time less the
-    evaluation pauses before it: the gap around each eval beyond one typical iteration)."""
+def evaluations(lines, iter_re: str, val_re: str, to_nats_per_char: float) -> list[dict]:
+    """Each evaluation's step, val loss (nats per character), wall time and training time
+    (wall time less the evaluation pauses before it: the gap around each eval beyond one
+    typical iteration)."""
     iter_times, evals = [], []
     for t, line in lines:
         if m := re.search(val_re, line):
-            evals.append({"step": int(m.group(1)), "val": float(m.group(2)), "wall_s": t})
+            val = float(m.group(2)) * to_nats_per_char
+            evals.append({"step": int(m.group(1)), "val": val, "wall_s": t})
         elif re.search(iter_re, line):
             iter_times.append(t)
     gaps = [b - a for a, b in zip(iter_times, iter_times[1:])]

@@ -25,6 +25,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from lmforge.common import LmforgeError, did_you_mean
 from lmforge.fileio import plain_name
+from lmforge.tokenizer import trained_bpe_size
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -196,7 +197,8 @@ class DataConfig:
     path: str = ""
     """A text file, a folder of text files, or a prepared dataset; empty = bundled Shakespeare."""
     tokenizer: str = "auto"
-    """char, byte, or a tokenizer folder (tokenizer.json or GPT-2's encoder.json + vocab.bpe);
+    """char, byte, train:N (a byte-level BPE of N tokens trained on the training split of
+    text data), or a tokenizer folder (tokenizer.json or GPT-2's encoder.json + vocab.bpe);
     auto = char for text, the dataset's own tokenizer for prepared data."""
     val_fraction: float = 0.1
     """Last fraction of the text (by position) held out for validation, as nanoGPT does."""
@@ -218,6 +220,7 @@ class DataConfig:
             raise LmforgeError("data.within_document needs data.sampling=packed")
         if not 0 < self.val_fraction < 1:
             raise LmforgeError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        trained_bpe_size(self.tokenizer, "data.tokenizer")
 
 
 @dataclass
@@ -959,6 +962,7 @@ class PrepareSettings:
             raise LmforgeError(
                 f"prepare.val_fraction={self.val_fraction} must be in [0, 0.5] (--val-fraction)"
             )
+        trained_bpe_size(self.tokenizer, "prepare.tokenizer")
         _check_positive("prepare.tokenizer_sample_bytes", self.tokenizer_sample_bytes)
         _check_positive("prepare.tokens_per_shard", self.tokens_per_shard)
         _check_positive("prepare.total_tokens", self.total_tokens, allow_zero=True)

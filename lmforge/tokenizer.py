@@ -354,6 +354,17 @@ def train_bpe(
     return HFTokenizer(tok)
 
 
+def trained_bpe_size(spec: str, option: str) -> int | None:
+    """The N of a `train:N` tokenizer spec (a byte-level BPE of N tokens to train on the
+    training text), None for any other spec; a bad N is an error naming `option`."""
+    if not spec.startswith("train:"):
+        return None
+    size = spec.removeprefix("train:")
+    if not (size.isdigit() and int(size) > 0):
+        raise LmforgeError(f"{option}={spec}: expected train:VOCAB_SIZE, e.g. train:512")
+    return int(size)
+
+
 def _nonempty(texts: Iterable[str]) -> Iterator[str]:
     for t in texts:
         if t:

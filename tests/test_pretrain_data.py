@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import error_line
 
 from lmforge.cli import main
 from lmforge.config import DataConfig
@@ -81,3 +82,48 @@ def test_one_document_needs_no_separator_and_several_get_one():
     eot = CharTokenizer.from_text("ab", with_eot=True)
     ids = encode_documents(eot, ["ab", "ba"]).tolist()
     assert ids == eot.encode("ab") + [eot.eot_id] + eot.encode("ba")
+
+
+def test_the_last_tenth_of_the_characters_is_validation_cut_inside_a_document():
+    from lmforge.data.loader import split_documents
+
+    text = "abcdefghij" * 10  # one text: nanoGPT's split, the first int(0.9 n) characters
+    assert split_documents([text], 0.1) == ([text[:90]], [text[90:]])
+    train, val = split_documents(["a" * 50, "b" * 30, "c" * 20], 0.25)  # 75 characters train
+    assert train == ["a" * 50, "b" * 25] and val == ["b" * 5, "c" * 20]
+    train, val = split_documents(["a" * 60, "b" * 40], 0.4)  # the cut falls between documents
+    assert train == ["a" * 60] and val == ["b" * 40]
+
+
+def test_one_text_with_the_char_tokenizer_splits_as_nanogpt(tmp_path):
+    text = "".join(f"line {i}: to be or not to be.\n" for i in range(300))
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    data = load_pretrain_data(DataConfig(path=str(tmp_path / "t.txt")))
+    ids = np.array(data.tokenizer.encode(text))
+    split = int(len(text) * 0.9)
+    assert np.array_equal(data.train[0], ids[:split]) and np.array_equal(data.val[0], ids[split:])
+
+
+def test_a_trained_tokenizer_never_sees_the_validation_text(tmp_path):
+    """'zq' is frequent in the last tenth only: a BPE trained on all the text would merge it."""
+    train_text = "".join(f"the cat sat on mat number {i}. " for i in range(400))
+    text = train_text + "zq " * (len(train_text) // 27)
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    data = load_pretrain_data(DataConfig(path=str(tmp_path / "t.txt"), tokenizer="train:300"))
+    tok = data.tokenizer
+    assert tok.vocab_size == 300
+    assert len(tok.encode(" the cat")) <= 2  # merged: seen in training
+    assert len(tok.encode("zq")) == 2  # never merged
+    assert tok.decode(np.concatenate([data.train[0], data.val[0]]).tolist()) == text
+    assert tok.decode(data.val[0].tolist()) == text[int(len(text) * 0.9) :]
+    full = load_pretrain_data(DataConfig(path=str(tmp_path / "t.txt"), tokenizer="train:300"))
+    assert np.array_equal(full.train[0], data.train[0])  # the same tokenizer every time
+
+
+@pytest.mark.parametrize("spec", ["train:big", "train:0", "train:-5"])
+def test_a_trained_tokenizer_needs_a_vocabulary_size(spec, tmp_path, capsys):
+    err = error_line(capsys, ["train", f"--data.tokenizer={spec}", f"--run.dir={tmp_path}"])
+    assert (
+        err == f"lmforge: error: data.tokenizer={spec}: expected train:VOCAB_SIZE, e.g. train:512"
+    )
+    assert not list(tmp_path.iterdir())

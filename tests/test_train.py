@@ -475,7 +475,7 @@ def test_fit_restores_the_signal_handlers(text_file, tmp_path):
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
-def test_only_the_default_job_has_a_time_limit(monkeypatch, tmp_path):
+def test_only_the_default_job_has_a_time_limit_and_its_recipe(monkeypatch, tmp_path):
     import lmforge.cli.train as train_cli
 
     seen = []
@@ -483,10 +483,13 @@ def test_only_the_default_job_has_a_time_limit(monkeypatch, tmp_path):
     assert main(["train"]) == 0
     assert main(["train", "--config", str(REPO / "configs" / "train_gpt2_124m.yaml")]) == 0
     assert main(["train", "--train.lr=1e-3"]) == 0
-    assert [c.train.max_minutes for c in seen] == [5.0, None, None]
-    assert [c.train.dropout_start for c in seen] == [700, 0, 0]
-    assert [c.model.dropout for c in seen] == [0.05, 0.0, 0.0]
+    assert main(["train", f"--run.dir={tmp_path}", "--run.tensorboard=false"]) == 0
+    assert [c.train.max_minutes for c in seen] == [5.0, None, None, 5.0]
+    assert [c.train.dropout_start for c in seen] == [700, 0, 0, 700]
+    assert [c.model.dropout for c in seen] == [0.1, 0.0, 0.0, 0.1]
+    assert [c.data.tokenizer for c in seen] == ["train:512", "auto", "auto", "train:512"]
     assert build_config(overrides=train_cli.default_job_overrides()) == seen[0]  # benchmarks
+    assert seen[3].run.dir == str(tmp_path)  # where outputs go keeps the default job
     assert build_config().train.max_minutes is None
 
 

@@ -133,13 +133,36 @@ class PretrainData:
         self.bytes_per_token = bytes_per_token
 
 
-def _tokenizer_for_text(spec: str, docs: list[str]):
-    from lmforge.tokenizer import ByteTokenizer, CharTokenizer, load_tokenizer
+def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """Documents -> (training, validation) documents: the last `val_fraction` of the
+    characters is validation (nanoGPT's split of one text), the document it starts in cut in
+    two. Splitting text rather than tokens lets a tokenizer be trained on the training part
+    alone."""
+    total = sum(len(d) for d in docs)
+    train_chars = int(total * (1 - val_fraction))
+    for i, doc in enumerate(docs):
+        if train_chars <= len(doc):
+            head, tail = doc[:train_chars], doc[train_chars:]
+            return docs[:i] + [head] * bool(head), [tail] * bool(tail) + docs[i + 1 :]
+        train_chars -= len(doc)
+    return docs, []
+
+
+def _tokenizer_for_text(spec: str, docs: list[str], train_docs: list[str]):
+    from lmforge.tokenizer import (
+        ByteTokenizer,
+        CharTokenizer,
+        load_tokenizer,
+        train_bpe,
+        trained_bpe_size,
+    )
 
     if spec in ("char", "auto"):  # documents need an end-of-text id between them
         return CharTokenizer.from_text("".join(docs), with_eot=len(docs) > 1)
     if spec == "byte":
         return ByteTokenizer()
+    if vocab := trained_bpe_size(spec, "data.tokenizer"):
+        return train_bpe(train_docs, vocab)
     return load_tokenizer(spec)
 
 
@@ -170,16 +193,15 @@ def text_bytes_per_token(tok, ids: np.ndarray, max_tokens: int = 1_000_000) -> f
 def load_pretrain_data(data_cfg, tokenizer=None) -> PretrainData:
     """data.path -> PretrainData. A prepared dataset (manifest.json) brings its own shards and
     tokenizer; text is tokenized on the fly and split by position (the last val_fraction is
-    validation, as nanoGPT does). `tokenizer` (e.g. from a checkpoint being resumed) wins over
+    validation, as nanoGPT does; a `train:N` tokenizer is trained on the rest). `tokenizer` (e.g. from a checkpoint being resumed) wins over
     data.tokenizer."""
     path = data_cfg.path
     if path and (Path(path) / "manifest.json").is_file():
         return _prepared_data(path, data_cfg.tokenizer)
     docs = read_documents(path, data_cfg.text_field)
-    tok = tokenizer or _tokenizer_for_text(data_cfg.tokenizer, docs)
-    ids = encode_documents(tok, docs)
-    split = int(len(ids) * (1 - data_cfg.val_fraction))
-    train, val = ids[:split], ids[split:]
+    train_docs, val_docs = split_documents(docs, data_cfg.val_fraction)
+    tok = tokenizer or _tokenizer_for_text(data_cfg.tokenizer, docs, train_docs)
+    train, val = encode_documents(tok, train_docs), encode_documents(tok, val_docs)
     return PretrainData([train], [val], tok, text_bytes_per_token(tok, val))
 
 

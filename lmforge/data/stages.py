@@ -32,6 +32,7 @@ from lmforge.tokenizer import (
     load_tokenizer,
     tokenizer_hash,
     train_bpe,
+    trained_bpe_size,
 )
 
 
@@ -46,13 +47,7 @@ def stage_tokenizer(cfg: PrepareConfig, out: Path, split_dir: Path) -> Tokenizer
             for text in read_docs(split_dir, src.name, side):
                 chars.update(text)
         return CharTokenizer(sorted(chars), with_eot=True)
-    if spec.startswith("train:"):
-        try:
-            vocab = int(spec.split(":", 1)[1])
-        except ValueError:
-            raise LmforgeError(
-                f"--prepare.tokenizer {spec!r}: expected train:VOCAB_SIZE, e.g. train:8192"
-            ) from None
+    if vocab := trained_bpe_size(spec, "prepare.tokenizer"):
         stage = Stage(out, "tokenizer", digest([split_dir.name, vocab, p.tokenizer_sample_bytes]))
         if not stage.done:
             with stage.build() as tmp:

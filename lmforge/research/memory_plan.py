@@ -187,11 +187,13 @@ def resolve_vocab(cfg: Config) -> tuple[int, str]:
 
 def _tokenizer_vocab(cfg: Config) -> tuple[int | None, str]:
     from lmforge.data.loader import _tokenizer_for_text, read_documents
-    from lmforge.tokenizer import ByteTokenizer, load_tokenizer
+    from lmforge.tokenizer import ByteTokenizer, load_tokenizer, trained_bpe_size
 
     spec, path = cfg.data.tokenizer, cfg.data.path
     if spec == "byte":
         return ByteTokenizer.vocab_size, "the byte tokenizer"
+    if vocab := trained_bpe_size(spec, "data.tokenizer"):
+        return vocab, f"the BPE data.tokenizer={spec} will train"
     if spec not in ("auto", "char"):
         if not Path(spec).is_dir():
             return None, f"the tokenizer {spec}"
@@ -202,7 +204,8 @@ def _tokenizer_vocab(cfg: Config) -> tuple[int | None, str]:
         return read_prepared(path).tokenizer.vocab_size, f"the tokenizer of {path}"
     if path and not Path(path).exists():
         return None, f"the tokenizer of data.path={path}"
-    tokenizer = _tokenizer_for_text(spec, read_documents(path, cfg.data.text_field))
+    docs = read_documents(path, cfg.data.text_field)
+    tokenizer = _tokenizer_for_text(spec, docs, train_docs=docs)  # char: from all the text
     return tokenizer.vocab_size, f"a char tokenizer of {path or 'Shakespeare'}"
 
 
