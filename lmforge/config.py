@@ -201,7 +201,7 @@ class DataConfig:
     text data), or a tokenizer folder (tokenizer.json or GPT-2's encoder.json + vocab.bpe);
     auto = char for text, the dataset's own tokenizer for prepared data."""
     val_fraction: float = 0.1
-    """Last fraction of the text (by position) held out for validation, as nanoGPT does."""
+    """Last fraction of the text (by characters) held out for validation, as nanoGPT does."""
     text_field: list[str] = field(default_factory=lambda: ["text"])
     """json/jsonl/parquet/csv data: the record fields joined into a document's text."""
     val_path: str = ""

@@ -116,8 +116,8 @@ def test_a_trained_tokenizer_never_sees_the_validation_text(tmp_path):
     assert len(tok.encode("zq")) == 2  # never merged
     assert tok.decode(np.concatenate([data.train[0], data.val[0]]).tolist()) == text
     assert tok.decode(data.val[0].tolist()) == text[int(len(text) * 0.9) :]
-    full = load_pretrain_data(DataConfig(path=str(tmp_path / "t.txt"), tokenizer="train:300"))
-    assert np.array_equal(full.train[0], data.train[0])  # the same tokenizer every time
+    again = load_pretrain_data(DataConfig(path=str(tmp_path / "t.txt"), tokenizer="train:300"))
+    assert np.array_equal(again.train[0], data.train[0])  # the same tokenizer every time
 
 
 @pytest.mark.parametrize("spec", ["train:big", "train:0", "train:-5"])

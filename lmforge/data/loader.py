@@ -192,9 +192,9 @@ def text_bytes_per_token(tok, ids: np.ndarray, max_tokens: int = 1_000_000) -> f
 
 def load_pretrain_data(data_cfg, tokenizer=None) -> PretrainData:
     """data.path -> PretrainData. A prepared dataset (manifest.json) brings its own shards and
-    tokenizer; text is tokenized on the fly and split by position (the last val_fraction is
-    validation, as nanoGPT does; a `train:N` tokenizer is trained on the rest). `tokenizer` (e.g. from a checkpoint being resumed) wins over
-    data.tokenizer."""
+    tokenizer; text is split by characters (the last val_fraction is validation, as nanoGPT
+    does; a `train:N` tokenizer is trained on the rest) and tokenized on the fly. `tokenizer`
+    (e.g. from a checkpoint being resumed) wins over data.tokenizer."""
     path = data_cfg.path
     if path and (Path(path) / "manifest.json").is_file():
         return _prepared_data(path, data_cfg.tokenizer)
