@@ -2,9 +2,12 @@
 
   1. `lm_eval --model hf` on the checkpoint exported to a transformers folder (fp32, CPU);
   2. `lm_eval --model lmforge` (lmforge/eval/harness.py) on the checkpoint itself;
-  3. `lmforge eval --task mc=FILE`.
+  3. `lmforge eval --task mc=FILE`;
+  4. with --bf16, also `lmforge eval --dtype bf16` (bf16 weights and matmuls: faster on a CPU
+     with native bf16, but every product rounds, so its log-likelihoods are not fp32's; its
+     acc and acc_norm are compared with the fp32 runs' on their own line).
 
-    python benchmarks/eval_vs_lm_eval.py [--checkpoint runs/chat_base] [--limit 200]
+    python benchmarks/eval_vs_lm_eval.py [--checkpoint runs/chat_base] [--limit 200] [--bf16]
 
 Each runs as its own subprocess at the same batch size, and is timed twice:
   - wall: the whole subprocess (Python start-up, imports, model load, lm-eval's task index,
@@ -107,11 +110,14 @@ def lm_eval_run(model: str, model_args: str, work: Path, args: argparse.Namespac
     }
 
 
-def lmforge_eval_run(checkpoint: str, data: Path, work: Path, args: argparse.Namespace) -> dict:
-    out = work / "lmforge_eval"
+def lmforge_eval_run(
+    checkpoint: str, data: Path, work: Path, args: argparse.Namespace, dtype: str = "fp32"
+) -> dict:
+    out = work / f"lmforge_eval_{dtype}"
     wall, _ = run(
         "-m", "lmforge", "eval", "--checkpoint", checkpoint, "--task", f"mc={data}",
-        "--limit", args.limit, "--batch-size", args.batch_size, "--device", "cpu", "--out", out,
+        "--limit", args.limit, "--batch-size", args.batch_size, "--device", "cpu",
+        "--dtype", dtype, "--out", out,
     )  # fmt: skip
     report = json.loads((out / "report.json").read_text())
     timing = report["timings"]["mc"]
@@ -151,6 +157,7 @@ def main() -> None:
     )
     p.add_argument("--limit", type=int, default=200, help="the first N items")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--bf16", action="store_true", help="also run `lmforge eval --dtype bf16`")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -167,6 +174,8 @@ def main() -> None:
             ),
             "lmforge eval": lmforge_eval_run(args.checkpoint, args.data, work, args),
         }
+        if args.bf16:
+            bf16 = lmforge_eval_run(args.checkpoint, args.data, work, args, "bf16")
 
     peer = runs["lm_eval --model hf"]
     print(
@@ -175,7 +184,7 @@ def main() -> None:
     )
     print("| run | items | wall s | scoring s | items/s (scoring) | vs hf | acc | acc_norm |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, r in runs.items():
+    for name, r in [*runs.items(), *([("lmforge eval --dtype bf16", bf16)] if args.bf16 else [])]:
         rate = r["items"] / r["scoring"]
         speedup = rate / (peer["items"] / peer["scoring"])
         print(
@@ -185,6 +194,9 @@ def main() -> None:
     for metric in ("acc", "acc_norm"):
         same = len({r[metric] for r in runs.values()}) == 1
         print(f"{metric} identical in all three: {'yes' if same else 'no'}")
+        if args.bf16:
+            same = bf16[metric] == peer[metric]
+            print(f"{metric} of lmforge bf16 equal to the fp32 runs': {'yes' if same else 'no'}")
     gap = max_ll_gap(peer["lls"], runs["lm_eval --model lmforge"]["lls"])
     print(f"max |log-likelihood difference| per choice, hf vs lmforge model: {gap:.2e}")
 

@@ -367,6 +367,11 @@ class TrainConfig:
     """Steps trained without dropout before model.dropout and model.attention_dropout turn
     on ("late dropout", Liu et al. 2023): the first steps learn at full speed, dropout then
     holds back overfitting."""
+    ema_decay: float = 0.0
+    """> 0: evaluate and save an exponential moving average of the weights with this decay
+    (Polyak averaging; ~1 / (1 - decay) steps long; lmforge/train/ema.py) while training the
+    weights themselves; 0 = off. One process or DDP only (not sharded, tensor or pipeline
+    parallel)."""
     objective: str = "causal"
     """Pretraining objective: causal (next-token prediction) or mlm (BERT's masked-language
     modelling: predict the tokens hidden in the input; needs model.causal=false)."""
@@ -447,6 +452,14 @@ class TrainConfig:
             _check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
         if self.min_lr > self.lr:
             raise LmforgeError(f"train.min_lr={self.min_lr} is above train.lr={self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise LmforgeError(f"train.ema_decay={self.ema_decay} must be in [0, 1) (0 = off)")
+        par = self.parallel
+        if self.ema_decay and (par.dp_shard != 1 or par.tp > 1 or par.pp > 1):
+            raise LmforgeError(
+                "train.ema_decay averages whole weights: it works on one process or DDP, "
+                "not with train.parallel.dp_shard, tp or pp > 1"
+            )
 
 
 HEADS = ("lm", "classifier", "reward")

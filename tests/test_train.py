@@ -87,6 +87,39 @@ def test_accumulation_equals_full_batch(text_file, tmp_path):
     assert rel <= 5e-6, rel  # fp32 sums in another order: ~1e-6 after 3 AdamW steps
 
 
+def test_the_weight_average_is_evaluated_and_saved_while_the_weights_train(text_file, tmp_path):
+    """train.ema_decay: after every step the average is d * average + (1 - d) * weights, d
+    warming up as min(decay, t / (t + 9)); the checkpoint's weights and the evaluation are
+    the average's, training goes on from the trained weights, and fit() ends with the model
+    holding the average."""
+    tokens = torch.randint(0, 65, (5000,), generator=torch.Generator().manual_seed(0))
+    cfg = tiny_cfg(text_file, tmp_path, ema_decay=0.8, max_steps=4, ckpt_interval=2)
+    trainer = make_trainer(cfg, tokens, tmp_path / "ema")
+    expected, trained = _flat(trainer.model).clone(), []
+    take_step = trainer.train_step
+
+    def step_and_record():
+        row = take_step()
+        trained.append(_flat(trainer.model).clone())  # what the optimizer left: trained weights
+        return row
+
+    trainer.train_step = step_and_record
+    trainer.fit()
+    for t, weights in enumerate(trained, start=1):
+        d = min(0.8, t / (t + 9))
+        expected = d * expected + (1 - d) * weights
+    assert not torch.equal(trained[-1], trained[-2])  # it trained
+    assert torch.allclose(_flat(trainer.model), expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(expected, trained[-1], atol=1e-4, rtol=0)
+    folder = ckpt.resolve_checkpoint(tmp_path / "ema")
+    saved = _weights(folder)
+    model_names = dict(trainer.model.named_parameters())
+    assert all(torch.equal(saved[n], p.detach()) for n, p in model_names.items() if n in saved)
+    state = torch.load(folder / ckpt.TRAINER_STATE, weights_only=True)
+    kept = torch.cat([state["trained_weights"][n].flatten() for n in model_names])
+    assert torch.equal(kept, trained[-1])
+
+
 class FixedLoader:
     """One fixed global batch every step, split into `accum` micro-batches of equal rows."""
 
@@ -407,16 +440,19 @@ def _train_losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_metrics(run) if "loss" in r]
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_sigterm_then_resume_in_a_new_process_is_bitwise_equal(text_file, tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer, ema_decay", [("adamw", 0.0), ("muon", 0.0), ("muon", 0.95)])
+def test_sigterm_then_resume_in_a_new_process_is_bitwise_equal(
+    text_file, tmp_path, optimizer, ema_decay
+):
     """A real SIGTERM mid-run, then `--resume` in a fresh process, with dropout on: every
-    step's loss and the final weights equal an uninterrupted run's, bit for bit."""
+    step's loss and the final weights equal an uninterrupted run's, bit for bit; with a
+    weight average too (the checkpoint holds the average, its trainer state the weights)."""
     import signal
     import time
 
     steps = 400
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    args = (steps, f"--train.optimizer={optimizer}")
+    args = (steps, f"--train.optimizer={optimizer}", f"--train.ema_decay={ema_decay}")
     straight = subprocess.run(
         _lmforge(*_train_args(text_file, tmp_path, "straight", *args)),
         env=env, capture_output=True, text=True, timeout=300,
@@ -487,6 +523,7 @@ def test_only_the_default_job_has_a_time_limit_and_its_recipe(monkeypatch, tmp_p
     assert [c.train.max_minutes for c in seen] == [5.0, None, None, 5.0]
     assert [c.train.dropout_start for c in seen] == [700, 0, 0, 700]
     assert [c.model.dropout for c in seen] == [0.1, 0.0, 0.0, 0.1]
+    assert [c.train.ema_decay for c in seen] == [0.995, 0.0, 0.0, 0.995]
     assert [c.data.tokenizer for c in seen] == ["train:512", "auto", "auto", "train:512"]
     assert build_config(overrides=train_cli.default_job_overrides()) == seen[0]  # benchmarks
     assert seen[3].run.dir == str(tmp_path)  # where outputs go keeps the default job
@@ -641,6 +678,9 @@ def test_bad_input_gives_one_clear_line(text_file, tmp_path, capsys):
     assert "train.lr" in error_line(capsys, [*base, "--train.lr=fast"])
     assert "train.optimizer" in error_line(capsys, [*base, "--train.optimizer=sgd"])
     assert "train.muon_lr" in error_line(capsys, [*base, "--train.muon_lr=0"])
+    assert "train.ema_decay" in error_line(capsys, [*base, "--train.ema_decay=1"])
+    sharded = ["--train.ema_decay=0.9", "--train.parallel.dp_shard=2"]
+    assert "one process or DDP" in error_line(capsys, [*base, *sharded])
     assert "not found" in error_line(capsys, [*base, f"--data.path={tmp_path / 'missing.txt'}"])
     empty = tmp_path / "empty.txt"
     empty.write_text("")

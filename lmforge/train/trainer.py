@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ from lmforge.train.distributed import (
     no_sync,
     parallelize,
 )
+from lmforge.train.ema import WeightAverage
 from lmforge.train.losses import Batch, CausalLMLoss, LossFn
 from lmforge.train.metrics import MetricsLogger
 from lmforge.train.optim import build_optimizers, lr_scale
@@ -144,6 +146,10 @@ class Trainer:
         self.optimizers = build_optimizers(self.model, self.tcfg, self.device, self.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.average = None  # what evaluation and checkpoints see, when train.ema_decay > 0
+        if self.tcfg.ema_decay:
+            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            self.average = WeightAverage(named, self.tcfg.ema_decay)
         self.step = 0  # optimizer steps taken
         self.tokens = 0  # input tokens seen, all ranks
         self.best_val = math.inf
@@ -201,6 +207,8 @@ class Trainer:
         else:
             for opt in self.optimizers:  # with fp16, skips the update if gradients overflowed
                 self.scaler.step(opt)
+            if self.average is not None:
+                self.average.update(self.step + 1)
             self.bad_steps = 0
         self.scaler.update()
         if scale_before is not None and self.scaler.get_scale() < scale_before:
@@ -298,6 +306,8 @@ class Trainer:
         }
         if not self.dist.sharded:
             state["optimizers"] = [opt.state_dict() for opt in self.optimizers]
+        if self.average is not None:  # the weights file holds the average
+            state["trained_weights"] = self.average.trained_weights()
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         return state
@@ -318,7 +328,8 @@ class Trainer:
             model = ckpt.gather_model(self.model, self.cfg)
         if self.dist.is_main:
             state = self.trainer_state()
-            ckpt.save_checkpoint(folder, model, self.cfg, self.tokenizer, state, staging)
+            with self._averaged_weights():
+                ckpt.save_checkpoint(folder, model, self.cfg, self.tokenizer, state, staging)
             ckpt.set_latest(folder)
             self._prune()
         barrier()  # no rank reads or writes checkpoints before this one is complete
@@ -372,6 +383,8 @@ class Trainer:
             ckpt.load_weights(self.model, folder)
             for opt, saved in zip(self.optimizers, self._saved_optimizers(folder, state)):
                 opt.load_state_dict(saved)
+            if self.average is not None:
+                self.average.resume(state["trained_weights"])
         self.scaler.load_state_dict(state["scaler"])
         self.train_loader.load_state_dict(state["data"])
         self.step, self.tokens = state["step"], state["tokens"]
@@ -489,6 +502,8 @@ class Trainer:
         finally:
             bar.close()
             self.logger.close()
+            if self.average is not None:  # the model users get is the one evaluated and saved
+                self.average.install()
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
         if stop_reason and main:
@@ -498,8 +513,13 @@ class Trainer:
             )
         return {"train": last_train, "eval": last_eval, "stop_reason": stop_reason}
 
+    def _averaged_weights(self):
+        """Inside: the model holds the weight average (train.ema_decay), if there is one."""
+        return self.average.swapped_in() if self.average is not None else nullcontext()
+
     def _eval_and_track(self, start: float) -> dict[str, Any]:
-        row = self.evaluate()
+        with self._averaged_weights():
+            row = self.evaluate()
         row["elapsed_s"] = time.perf_counter() - start
         val_loss = row.get("val_loss", math.inf)
         if self.step > 0 and val_loss < self.best_val:  # step 0 has no checkpoint
