@@ -184,7 +184,8 @@ def main() -> None:
     )
     print("| run | items | wall s | scoring s | items/s (scoring) | vs hf | acc | acc_norm |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, r in [*runs.items(), *([("lmforge eval --dtype bf16", bf16)] if args.bf16 else [])]:
+    rows = {**runs, **({"lmforge eval --dtype bf16": bf16} if args.bf16 else {})}
+    for name, r in rows.items():
         rate = r["items"] / r["scoring"]
         speedup = rate / (peer["items"] / peer["scoring"])
         print(

@@ -4,8 +4,9 @@
 the default job's attention probabilities that is ~10 ms a layer, more than the layer's
 matmuls, so dropout doubled the step time (BENCHMARKS.md, "Speed to quality"). Here each
 64-bit draw gives four 16-bit lanes, and an element is kept when its lane clears a threshold:
-2-3x cheaper forward and backward (benchmarks/dropout_cpu.py). The rate is rounded to a multiple of 1/65536 and the kept elements are
-scaled by 1 / (1 - that rate), so the output is unbiased for the rate actually applied.
+2-3x cheaper forward and backward (benchmarks/dropout_cpu.py). The rate is rounded to a
+multiple of 1/65536 and the kept elements are scaled by 1 / (1 - that rate), so the output
+is unbiased for the rate actually applied.
 Other devices keep `F.dropout` (CUDA's is a fused Philox kernel already).
 """
 

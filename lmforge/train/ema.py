@@ -45,25 +45,24 @@ class WeightAverage:
         try:
             yield
         finally:
-            with torch.no_grad():
-                for p, name in zip(self.params, self.names):
-                    p.copy_(trained[name])
+            self._put(trained)
 
-    @torch.no_grad()
     def install(self) -> None:
         """Put the average into the parameters for good (the end of training)."""
-        for p, a in zip(self.params, self.average):
-            p.copy_(a)
+        self._put(dict(zip(self.names, self.average)))
+
+    @torch.no_grad()
+    def _put(self, weights: dict[str, torch.Tensor]) -> None:
+        for p, name in zip(self.params, self.names):
+            p.copy_(weights[name])
 
     def trained_weights(self) -> dict[str, torch.Tensor]:
         """A copy of the weights as trained, by name: what resume needs besides the average
         (which the checkpoint's weights file holds)."""
         return {name: p.detach().clone() for name, p in zip(self.names, self.params)}
 
-    @torch.no_grad()
     def resume(self, trained: dict[str, torch.Tensor]) -> None:
         """After a checkpoint's weights (the average) were loaded into the parameters: take
         them as the average, and put the trained weights back into the parameters."""
         self.average = [p.detach().clone() for p in self.params]
-        for p, name in zip(self.params, self.names):
-            p.copy_(trained[name])
+        self._put(trained)

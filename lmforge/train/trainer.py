@@ -154,6 +154,7 @@ class Trainer:
         self.tokens = 0  # input tokens seen, all ranks
         self.best_val = math.inf
         self.best_step: int | None = None
+        self._dropout_on: bool | None = None  # late dropout's state (train.dropout_start)
         self.bad_steps = 0
         self._stop_signal: str | None = None
         self.logger: MetricsLogger | None = None
@@ -227,11 +228,14 @@ class Trainer:
 
     def _late_dropout(self) -> None:
         """Dropout off before train.dropout_start, at the model's rates from then on (resumed
-        runs included: it depends on the step alone)."""
+        runs included: it depends on the step alone). The rates are set on the first step
+        and when they switch, not walked into the model at every step."""
         if self.tcfg.dropout_start:
             on = self.step >= self.tcfg.dropout_start
-            m = self.cfg.model
-            set_dropout(self.model, m.dropout * on, m.attention_dropout_rate * on)
+            if on != self._dropout_on:
+                m = self.cfg.model
+                set_dropout(self.model, m.dropout * on, m.attention_dropout_rate * on)
+                self._dropout_on = on
 
     def _run_batches(
         self,
