@@ -9,10 +9,12 @@ line is timestamped on arrival, so both are timed the same way from process star
   - time to target: wall time until the first validation loss <= --target (both evaluate
     every --eval-interval steps on --eval-iters batches).
 
-    python benchmarks/train_vs_nanogpt.py --nanogpt .peers/nanoGPT [--iters 2000]
+    python benchmarks/train_vs_nanogpt.py --nanogpt .peers/nanoGPT [--iters 2000] [--rounds 3]
 
 lmforge runs once per precision in --precisions (default: fp32, as nanoGPT on a CPU, and auto,
-which picks bf16 autocast on CPUs whose native bf16 matmuls measure faster).
+which picks bf16 autocast on CPUs whose native bf16 matmuls measure faster). `fp32-blas` is fp32
+with lmforge's Linears on PyTorch's BLAS (LMFORGE_FP32_LINEAR=blas, nanoGPT's kernels) rather
+than on oneDNN where that measures faster (lmforge/model/linear.py).
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ def prepare_nanogpt_data(nanogpt: Path) -> None:
         pickle.dump(meta, f)
 
 
-def timed_lines(cmd: list[str], cwd: Path) -> list[tuple[float, str]]:
-    """Run cmd, returning (seconds since start, line) for every line of its output."""
+def timed_lines(cmd: list[str], cwd: Path, env: dict | None = None) -> list[tuple[float, str]]:
+    """Run cmd with env added, returning (seconds since start, line) for every output line."""
     start = time.perf_counter()
     proc = subprocess.Popen(
         cmd,
@@ -61,7 +63,7 @@ def timed_lines(cmd: list[str], cwd: Path) -> list[tuple[float, str]]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
     )
     lines = [(time.perf_counter() - start, line.rstrip()) for line in proc.stdout]
     if proc.wait() != 0:
@@ -97,9 +99,18 @@ def main() -> None:
     p.add_argument("--eval-interval", type=int, default=250)
     p.add_argument("--eval-iters", type=int, default=20)
     p.add_argument("--target", type=float, default=1.886)
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every program this many times in turn; ratios are per round (this machine's "
+        "speed drifts by 10-30%% over minutes), and their median is printed",
+    )
     p.add_argument("--lmforge-args", default="", help="extra lmforge overrides, space-separated")
     p.add_argument(
-        "--precisions", default="fp32,auto", help="lmforge's train.precision values to run"
+        "--precisions",
+        default="fp32,auto",
+        help="lmforge's train.precision values to run (and fp32-blas, see above)",
     )
     args = p.parse_args()
     r = RECIPE
@@ -146,36 +157,51 @@ def main() -> None:
         *args.lmforge_args.split(),
     ]
     tokens_per_iter = r["batch_size"] * r["block_size"]
-    results = {}
     nano_re = (r"^iter (\d+): loss", r"^step (\d+): train loss [\d.]+, val loss ([\d.]+)")
     ours_re = (r"^step (\d+) \| loss", r"^step (\d+) \| val_loss ([\d.]+)")
-    runs = [("nanoGPT", nano_cmd, args.nanogpt, nano_re)]
+    runs = [("nanoGPT", nano_cmd, args.nanogpt, nano_re, {})]
     for precision in args.precisions.split(","):
-        cmd = [*ours_cmd, f"--train.precision={precision}"]
-        runs.append((f"lmforge {precision}", cmd, Path.cwd(), ours_re))
-    for name, cmd, cwd, (iter_re, val_re) in runs:
-        print(f"running {name} ...", flush=True)
-        results[name] = summarise(
-            timed_lines(cmd, cwd), iter_re, val_re, tokens_per_iter, args.target
-        )
+        blas = precision == "fp32-blas"
+        cmd = [*ours_cmd, f"--train.precision={'fp32' if blas else precision}"]
+        env = {"LMFORGE_FP32_LINEAR": "blas"} if blas else {}
+        runs.append((f"lmforge {precision}", cmd, Path.cwd(), ours_re, env))
+    results: dict[str, list[dict]] = {name: [] for name, *_ in runs}
+    for round_ in range(1, args.rounds + 1):
+        for name, cmd, cwd, (iter_re, val_re), env in runs:
+            print(f"round {round_}: running {name} ...", flush=True)
+            results[name].append(
+                summarise(timed_lines(cmd, cwd, env), iter_re, val_re, tokens_per_iter, args.target)
+            )
     print(
-        f"\nnanoGPT CPU recipe, {args.iters} iters, eval every {args.eval_interval} on {args.eval_iters} batches"
+        f"\nnanoGPT CPU recipe, {args.iters} iters, eval every {args.eval_interval} on "
+        f"{args.eval_iters} batches, {args.rounds} round(s); per round, tokens/s and its ratio "
+        "to that round's nanoGPT"
     )
     print(
-        f"{'':14} {'tokens/s':>10} {'time to ' + str(args.target):>16} {'at step':>8} {'final val':>10} {'total s':>8}"
+        f"{'':18} {'round':>5} {'tokens/s':>10} {'ratio':>6} {'time to ' + str(args.target):>16} "
+        f"{'at step':>8} {'final val':>10} {'total s':>8}"
     )
-    for name, s in results.items():
-        hit = f"{s['time_to_target_s']:.1f} s" if s["time_to_target_s"] else "not reached"
-        print(
-            f"{name:14} {s['tokens_per_s']:10.0f} {hit:>16} {s['step_at_target'] or '-':>8} "
-            f"{s['final_val'] or float('nan'):10.4f} {s['total_s']:8.1f}"
-        )
     base = results["nanoGPT"]
-    for name, ours in list(results.items())[1:]:
-        print(f"\n{name} / nanoGPT tokens/s: {ours['tokens_per_s'] / base['tokens_per_s']:.2f}x")
-        if ours["time_to_target_s"] and base["time_to_target_s"]:
-            fraction = ours["time_to_target_s"] / base["time_to_target_s"]
-            print(f"{name} time to {args.target} as a fraction of nanoGPT's: {fraction:.0%}")
+    for name, rounds in results.items():
+        for i, s in enumerate(rounds):
+            ratio = s["tokens_per_s"] / base[i]["tokens_per_s"]
+            hit = f"{s['time_to_target_s']:.1f} s" if s["time_to_target_s"] else "not reached"
+            print(
+                f"{name:18} {i + 1:>5} {s['tokens_per_s']:10.0f} {ratio:5.2f}x {hit:>16} "
+                f"{s['step_at_target'] or '-':>8} {s['final_val'] or float('nan'):10.4f} "
+                f"{s['total_s']:8.1f}"
+            )
+    for name, rounds in list(results.items())[1:]:
+        ratios = [s["tokens_per_s"] / b["tokens_per_s"] for s, b in zip(rounds, base)]
+        print(
+            f"\n{name} / nanoGPT tokens/s, median of {len(ratios)}: {statistics.median(ratios):.2f}x"
+        )
+        times = [(s["time_to_target_s"], b["time_to_target_s"]) for s, b in zip(rounds, base)]
+        if all(ours and theirs for ours, theirs in times):
+            fraction = statistics.median(ours / theirs for ours, theirs in times)
+            print(
+                f"{name} time to {args.target} as a fraction of nanoGPT's (median): {fraction:.0%}"
+            )
 
 
 if __name__ == "__main__":

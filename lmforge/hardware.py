@@ -13,6 +13,8 @@ from contextlib import nullcontext
 
 import torch
 
+from lmforge.common import LmforgeError
+
 # Dense peak FLOP/s of common accelerators, for MFU (bf16 tensor-core figures, no sparsity;
 # TF32, which fp32 matmuls use once enable_tf32 has run, is half of it on these parts).
 _GPU_PEAK_FLOPS = {
@@ -75,30 +77,92 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor as Linux reports it (GenuineIntel, AuthenticAMD, ...; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def cpu_has_native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 @functools.cache
 def cpu_bf16_speedup(n: int = 512, reps: int = 8) -> float:
-    """fp32 time / bf16 time of an n x n matmul on this CPU (> 1: bf16 is faster)."""
+    """fp32 time / bf16 time of an n x n matmul on this CPU (> 1: bf16 is faster), fp32 on
+    the library lmforge's Linears use for it (fp32_linear_uses_onednn)."""
     cpu = torch.device("cpu")
-    return _matmul_seconds(cpu, torch.float32, n, reps) / _matmul_seconds(
+    fp32 = onednn_linear if fp32_linear_uses_onednn() else None
+    return _matmul_seconds(cpu, torch.float32, n, reps, fp32) / _matmul_seconds(
         cpu, torch.bfloat16, n, reps
     )
 
 
-def _matmul_seconds(device: torch.device, dtype: torch.dtype, n: int, reps: int) -> float:
-    """Seconds per n x n matmul (best of three rounds of `reps`), on private random data."""
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """x (..., in) @ weight (out, in)^T + bias -> (..., out) on oneDNN, whatever the dtype:
+    PyTorch's own op for it, which inductor uses for CPU Linears (torch.ops.mkldnn)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def cpu_onednn_fp32_speedup(n: int = 512, reps: int = 8) -> float:
+    """BLAS time / oneDNN time of an n x n fp32 matmul on this CPU (> 1: oneDNN is faster),
+    for benchmarks to print beside fp32_linear_uses_onednn's choice."""
+    cpu = torch.device("cpu")
+    onednn = _matmul_seconds(cpu, torch.float32, n, reps, onednn_linear)
+    return _matmul_seconds(cpu, torch.float32, n, reps) / onednn
+
+
+FP32_LINEAR_ENV = "LMFORGE_FP32_LINEAR"
+"""Environment variable that fixes fp32_linear_uses_onednn's choice: `onednn`, `blas`, or
+`auto` (the default: measure). `blas` gives F.linear's results bitwise, for runs that must
+match ones made elsewhere (with MKL_CBWR pinning MKL's own kernels)."""
+
+
+@functools.cache
+def fp32_linear_uses_onednn() -> bool:
+    """Whether lmforge's fp32 Linears on CPU (lmforge/model/linear.py) run on oneDNN rather
+    than PyTorch's BLAS. PyTorch sends an fp32 matmul on CPU to its BLAS, in the x86 wheels
+    MKL, which runs its fastest kernels on Intel CPUs only; oneDNN, which PyTorch also ships,
+    picks kernels by instruction set. On a 2-core AMD Zen 5 EPYC MKL's fp32 products ran at
+    195-210 GFLOP/s and oneDNN's at 395-460 (cpu_onednn_fp32_speedup prints it). `auto` takes
+    oneDNN where the BLAS is MKL and the CPU is not Intel's. It reads the CPU rather than
+    timing the two, so every process on a machine chooses alike: the two libraries round
+    differently, and a run resumed in a new process must compute as the first did."""
+    choice = os.environ.get(FP32_LINEAR_ENV, "auto")
+    if choice not in ("auto", "onednn", "blas"):
+        raise LmforgeError(f"{FP32_LINEAR_ENV}={choice!r}: expected auto, onednn or blas")
+    available = torch.backends.mkldnn.is_available() and hasattr(
+        torch.ops.mkldnn, "_linear_pointwise"
+    )
+    if choice == "onednn" and not available:
+        raise LmforgeError(f"{FP32_LINEAR_ENV}=onednn: this PyTorch has no oneDNN fp32 Linear")
+    if choice != "auto":
+        return choice == "onednn"
+    mkl_off_intel = torch.backends.mkl.is_available() and cpu_vendor() not in ("GenuineIntel", "")
+    return available and mkl_off_intel
+
+
+def _matmul_seconds(
+    device: torch.device, dtype: torch.dtype, n: int, reps: int, linear=None
+) -> float:
+    """Seconds per n x n matmul (best of three rounds of `reps`), on private random data:
+    a @ b, or linear(a, b) where given (onednn_linear)."""
     gen = torch.Generator(device).manual_seed(0)
     a = torch.randn(n, n, generator=gen, device=device).to(dtype)
     b = torch.randn(n, n, generator=gen, device=device).to(dtype)
-    a @ b  # warm up
+    product = (lambda: a @ b) if linear is None else (lambda: linear(a, b))
+    product()  # warm up
     best = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()
         for _ in range(reps):
-            a @ b
+            product()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         best = min(best, (time.perf_counter() - t0) / reps)
@@ -123,10 +187,12 @@ def enable_tf32(device: torch.device) -> None:
 def device_peak_flops(device: torch.device, precision: str = "fp32") -> float:
     """Peak FLOP/s of one device, the MFU denominator: a table for known GPUs; on other
     devices the throughput of a 1024^3 matmul in the run's precision, measured once per
-    process (a practical peak)."""
+    process (a practical peak), on oneDNN where lmforge's fp32 Linears use it."""
     if device.type == "cuda":
         flops = gpu_peak_flops(torch.cuda.get_device_name(device), precision)
         if flops is not None:
             return flops
     n = 1024
-    return 2 * n**3 / _matmul_seconds(device, _DTYPES[precision], n, reps=4)
+    onednn = device.type == "cpu" and precision == "fp32" and fp32_linear_uses_onednn()
+    linear = onednn_linear if onednn else None
+    return 2 * n**3 / _matmul_seconds(device, _DTYPES[precision], n, 4, linear)

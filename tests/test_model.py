@@ -391,3 +391,29 @@ def test_explicit_attention_only_for_short_causal_low_precision_on_cpu():
     assert not explicit_attention_pays(*qk(), torch.ones(1, 1, 64, 64, dtype=torch.bool))
     assert not explicit_attention_pays(*qk(T=1, S=64), False)  # decoding against a cache
     assert not explicit_attention_pays(*qk(T=EXPLICIT_ATTENTION_MAX_T + 1), True)
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+def test_mlp_in_row_chunks_outside_training_matches_the_whole_batch(monkeypatch, mlp):
+    """Outside training a CPU MLP runs over MLP_CHUNK_ROWS tokens at a time (cache-sized
+    hidden activations): the logits are those of one pass over the whole batch."""
+    from lmforge.model import gpt
+
+    torch.manual_seed(0)
+    model = GPT(model_config(preset="llama-tiny", vocab_size=97, mlp=mlp)).eval()
+    ids = torch.randint(0, 97, (9, 128))  # 1,152 tokens
+    rows_per_call = []
+    whole_mlp = gpt.MLP._forward
+
+    def counting(self, x):
+        rows_per_call.append(x.numel() // x.size(-1))
+        return whole_mlp(self, x)
+
+    monkeypatch.setattr(gpt.MLP, "_forward", counting)
+    monkeypatch.setattr(gpt, "MLP_CHUNK_ROWS", 256)
+    with torch.no_grad():
+        chunked = model(ids)
+        assert rows_per_call == [256, 256, 256, 256, 128] * len(model.blocks)
+        monkeypatch.setattr(gpt, "MLP_CHUNK_ROWS", 10**6)
+        whole = model(ids)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)

@@ -45,6 +45,7 @@ PINNED_ENV = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "MKL_CBWR": "COMPATIBLE",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "LMFORGE_FP32_LINEAR": "blas",
 }
 GOLDEN_MODELS = {
     # learned positions, LayerNorm, exact GELU, biases, tied head

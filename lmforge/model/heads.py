@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lmforge.model.gpt import GPT
+from lmforge.model.linear import Linear
 
 
 def last_token_index(attention_mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
@@ -30,7 +31,7 @@ class SequenceClassifier(nn.Module):
         self.backbone = backbone
         self.labels = list(labels)
         self.config = backbone.config
-        self.head = nn.Linear(self.config.d_model, len(self.labels))
+        self.head = Linear(self.config.d_model, len(self.labels))
         nn.init.normal_(self.head.weight, std=self.config.init_std)
         nn.init.zeros_(self.head.bias)
         self.tokenizer = None  # set by lmforge.load, for predict()
@@ -129,7 +130,7 @@ class ActorCritic(nn.Module):
         super().__init__()
         self.policy = policy
         self.config = policy.config
-        self.value_head = nn.Linear(self.config.d_model, 1)
+        self.value_head = Linear(self.config.d_model, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
