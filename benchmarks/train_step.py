@@ -2,7 +2,8 @@
 
 Prints milliseconds per step (forward + backward + clip + AdamW, fixed random batch) for fp32,
 bf16 autocast and torch.compile, the AdamW variants, and the matmul FLOP/s of the model's
-shapes in fp32 and bf16, so precision and compile choices can be made from figures.
+shapes in fp32 (on PyTorch's BLAS and on oneDNN, lmforge/model/linear.py) and bf16, so
+precision and compile choices can be made from figures.
 
     python benchmarks/train_step.py [--preset shakespeare-char --batch 12 --block 64]
 """
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import model_config
-from lmforge.hardware import autocast_context
+from lmforge.hardware import autocast_context, cpu_vendor, fp32_linear_uses_onednn, onednn_linear
 from lmforge.model.gpt import GPT
 
 
@@ -57,9 +58,11 @@ def adamw_ms(args, **kind) -> float:
     return ms_per_call(opt.step, warmup=10, reps=200)
 
 
-def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype) -> float:
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    return 2 * m * k * n / ms_per_call(lambda: a @ b, warmup=10, reps=200) / 1e6
+def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, onednn: bool = False) -> float:
+    """(m, k) @ (k, n): PyTorch's own (BLAS for fp32), or with `onednn` oneDNN's Linear."""
+    a, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)  # w (n, k): a Linear's
+    product = (lambda: onednn_linear(a, w)) if onednn else (lambda: a @ w.t())
+    return 2 * m * k * n / ms_per_call(product, warmup=10, reps=200) / 1e6
 
 
 def main() -> None:
@@ -87,9 +90,14 @@ def main() -> None:
     ):
         print(f"  AdamW {label:21} {adamw_ms(args, **kind):7.2f} ms")
     d = model_config(preset=args.preset).d_model
-    for dtype in (torch.float32, torch.bfloat16):
-        rate = matmul_gflops(tokens, d, 4 * d, dtype)
-        print(f"  matmul ({tokens}x{d}x{4 * d}) {str(dtype):14} {rate:7.0f} GFLOP/s")
+    for label, dtype, onednn in (
+        ("fp32 BLAS", torch.float32, False),
+        ("fp32 oneDNN", torch.float32, True),
+        ("bf16", torch.bfloat16, False),
+    ):
+        rate = matmul_gflops(tokens, d, 4 * d, dtype, onednn)
+        print(f"  matmul ({tokens}x{d}x{4 * d}) {label:12} {rate:7.0f} GFLOP/s")
+    print(f"  fp32 Linears run on oneDNN here (CPU {cpu_vendor()}): {fp32_linear_uses_onednn()}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ line is timestamped on arrival, so both are timed the same way from process star
 lmforge runs once per precision in --precisions (default: fp32, as nanoGPT on a CPU, and auto,
 which picks bf16 autocast on CPUs whose native bf16 matmuls measure faster). `fp32-blas` is fp32
 with lmforge's Linears on PyTorch's BLAS (LMFORGE_FP32_LINEAR=blas, nanoGPT's kernels) rather
-than on oneDNN where that measures faster (lmforge/model/linear.py).
+than on oneDNN, which they use where the BLAS is MKL on a CPU not Intel's
+(lmforge/model/linear.py).
 """
 
 from __future__ import annotations

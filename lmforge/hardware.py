@@ -65,28 +65,26 @@ def pick_precision(requested: str, device: torch.device) -> str:
     return "fp32"
 
 
-def cpu_flags() -> set[str]:
-    """The CPU feature flags Linux reports (empty elsewhere)."""
+def _cpuinfo(field: str) -> str:
+    """The value of the first `field` line Linux's /proc/cpuinfo has (empty elsewhere)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_vendor() -> str:
-    """The CPU's vendor as Linux reports it (GenuineIntel, AuthenticAMD, ...; empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags Linux reports (empty elsewhere)."""
+    return set(_cpuinfo("flags").split())
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor as Linux reports it (GenuineIntel, AuthenticAMD, ...; empty elsewhere)."""
+    return _cpuinfo("vendor_id")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -110,17 +108,9 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Ten
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def cpu_onednn_fp32_speedup(n: int = 512, reps: int = 8) -> float:
-    """BLAS time / oneDNN time of an n x n fp32 matmul on this CPU (> 1: oneDNN is faster),
-    for benchmarks to print beside fp32_linear_uses_onednn's choice."""
-    cpu = torch.device("cpu")
-    onednn = _matmul_seconds(cpu, torch.float32, n, reps, onednn_linear)
-    return _matmul_seconds(cpu, torch.float32, n, reps) / onednn
-
-
 FP32_LINEAR_ENV = "LMFORGE_FP32_LINEAR"
 """Environment variable that fixes fp32_linear_uses_onednn's choice: `onednn`, `blas`, or
-`auto` (the default: measure). `blas` gives F.linear's results bitwise, for runs that must
+`auto` (the default: fp32_linear_uses_onednn reads the CPU). `blas` gives F.linear's results bitwise, for runs that must
 match ones made elsewhere (with MKL_CBWR pinning MKL's own kernels)."""
 
 
@@ -130,7 +120,7 @@ def fp32_linear_uses_onednn() -> bool:
     than PyTorch's BLAS. PyTorch sends an fp32 matmul on CPU to its BLAS, in the x86 wheels
     MKL, which runs its fastest kernels on Intel CPUs only; oneDNN, which PyTorch also ships,
     picks kernels by instruction set. On a 2-core AMD Zen 5 EPYC MKL's fp32 products ran at
-    195-210 GFLOP/s and oneDNN's at 395-460 (cpu_onednn_fp32_speedup prints it). `auto` takes
+    195-210 GFLOP/s and oneDNN's at 395-460 (benchmarks/train_step.py prints both). `auto` takes
     oneDNN where the BLAS is MKL and the CPU is not Intel's. It reads the CPU rather than
     timing the two, so every process on a machine chooses alike: the two libraries round
     differently, and a run resumed in a new process must compute as the first did."""

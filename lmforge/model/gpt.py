@@ -300,8 +300,8 @@ MLP_CHUNK_ROWS = 512
 twice as many: each chunk's hidden activations (512 x 704 fp32 for the chat base, 1.4 MB)
 stay in the caches between their Linear, activation and product, where the whole batch's
 went out to memory and back. Each token's output is computed alike either way. On a
-2-core EPYC, `lmforge eval` scored 300 PIQA items (16 rows of 256 tokens a batch) in 1.61-1.65 s
-against 1.79-1.86 s in one pass (benchmarks/eval_vs_lm_eval.py, BENCHMARKS.md)."""
+2-core EPYC, `lmforge eval` scored 300 PIQA items (16 rows of 256 tokens a batch) in
+1.61-1.65 s against 1.79-1.86 s in one pass (benchmarks/eval_vs_lm_eval.py, BENCHMARKS.md)."""
 
 
 class MLP(nn.Module):
@@ -322,9 +322,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(compute_dtype(x))  # one autocast copy for gate and up (Attention.forward)
-        rows = x.reshape(-1, x.size(-1))  # (B*T, d)
-        if self.training or x.device.type != "cpu" or len(rows) <= 2 * MLP_CHUNK_ROWS:
+        tokens = x.numel() // x.size(-1)
+        if self.training or x.device.type != "cpu" or tokens <= 2 * MLP_CHUNK_ROWS:
             return self._forward(x)
+        rows = x.reshape(tokens, -1)  # (B*T, d)
         chunks = [self._forward(chunk) for chunk in rows.split(MLP_CHUNK_ROWS)]  # (<=n, d) each
         return torch.cat(chunks).view_as(x)  # (B, T, d)
 

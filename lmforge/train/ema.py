@@ -37,10 +37,10 @@ class WeightAverage:
         torch._foreach_lerp_(self.average, weights, 1 - self.decay_at(updates))
 
     @contextmanager
-    def swapped_in(self) -> Iterator[None]:
+    def swapped_in(self, trained: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
         """The parameters hold the average inside the block and the trained weights again
-        after it."""
-        trained = self.trained_weights()
+        after it: `trained`, a trained_weights() copy the caller already made, or a new one."""
+        trained = self.trained_weights() if trained is None else trained
         self.install()
         try:
             yield

@@ -332,7 +332,7 @@ class Trainer:
             model = ckpt.gather_model(self.model, self.cfg)
         if self.dist.is_main:
             state = self.trainer_state()
-            with self._averaged_weights():
+            with self._averaged_weights(state.get("trained_weights")):  # copied once, not twice
                 ckpt.save_checkpoint(folder, model, self.cfg, self.tokenizer, state, staging)
             ckpt.set_latest(folder)
             self._prune()
@@ -517,9 +517,10 @@ class Trainer:
             )
         return {"train": last_train, "eval": last_eval, "stop_reason": stop_reason}
 
-    def _averaged_weights(self):
-        """Inside: the model holds the weight average (train.ema_decay), if there is one."""
-        return self.average.swapped_in() if self.average is not None else nullcontext()
+    def _averaged_weights(self, trained: dict[str, torch.Tensor] | None = None):
+        """Inside: the model holds the weight average (train.ema_decay), if there is one.
+        `trained`: a copy of the trained weights already made (WeightAverage.swapped_in)."""
+        return self.average.swapped_in(trained) if self.average is not None else nullcontext()
 
     def _eval_and_track(self, start: float) -> dict[str, Any]:
         with self._averaged_weights():
