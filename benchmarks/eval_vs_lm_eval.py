@@ -8,6 +8,7 @@
      acc and acc_norm are compared with the fp32 runs' on their own line).
 
     python benchmarks/eval_vs_lm_eval.py [--checkpoint runs/chat_base] [--limit 200] [--bf16]
+        [--rounds 3]
 
 Each runs as its own subprocess at the same batch size, and is timed twice:
   - wall: the whole subprocess (Python start-up, imports, model load, lm-eval's task index,
@@ -17,7 +18,9 @@ Each runs as its own subprocess at the same batch size, and is timed twice:
     otherwise runs lm-eval's own CLI entry point; for `lmforge eval`, the task's time from
     its report.json (items read, scored, metrics).
 items/s = items / scoring seconds. The table also says whether acc and acc_norm are identical
-and how far apart the hf and lmforge models' per-choice log-likelihoods are.
+and how far apart the hf and lmforge models' per-choice log-likelihoods are. With --rounds N
+the three run N times in turn (timings on these machines drift by 10-30% within minutes), a
+table per round, then each one's median ratio to lm-eval's hf backend.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -158,33 +162,56 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=200, help="the first N items")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--bf16", action="store_true", help="also run `lmforge eval --dtype bf16`")
+    p.add_argument("--rounds", type=int, default=1, help="run everything this many times")
     args = p.parse_args()
 
+    ratios: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         hf_dir = work / "hf_model"
         run("-m", "lmforge", "export", "--checkpoint", args.checkpoint, "--out", hf_dir)
         write_task(work, args.data)
-        runs = {
-            "lm_eval --model hf": lm_eval_run(
-                "hf", f"pretrained={hf_dir},dtype=float32", work, args
-            ),
-            "lm_eval --model lmforge": lm_eval_run(
-                "lmforge", f"checkpoint={args.checkpoint}", work, args
-            ),
-            "lmforge eval": lmforge_eval_run(args.checkpoint, args.data, work, args),
-        }
-        if args.bf16:
-            bf16 = lmforge_eval_run(args.checkpoint, args.data, work, args, "bf16")
+        for round_ in range(1, args.rounds + 1):
+            rows = one_round(args, hf_dir, work / f"round{round_}")
+            print(f"round {round_} of {args.rounds}")
+            peer_rate = rows["lm_eval --model hf"]["items"] / rows["lm_eval --model hf"]["scoring"]
+            for name, r in rows.items():
+                ratios.setdefault(name, []).append(r["items"] / r["scoring"] / peer_rate)
+            print_round(args, rows)
+    for name, values in list(ratios.items())[1:]:
+        listed = ", ".join(f"{v:.2f}x" for v in values)
+        print(f"{name} / lm_eval --model hf items/s, median of {len(values)}: "
+              f"{statistics.median(values):.2f}x ({listed})")  # fmt: skip
 
-    peer = runs["lm_eval --model hf"]
+
+def one_round(args: argparse.Namespace, hf_dir: Path, work: Path) -> dict[str, dict]:
+    """Every run once, on the same items, in folders of their own under `work`."""
+    work.mkdir()
+    task = f"{TASK}.yaml"  # the parent's task file, with its dataset cache
+    (work / task).write_text((work.parent / task).read_text())
+    rows = {
+        "lm_eval --model hf": lm_eval_run("hf", f"pretrained={hf_dir},dtype=float32", work, args),
+        "lm_eval --model lmforge": lm_eval_run(
+            "lmforge", f"checkpoint={args.checkpoint}", work, args
+        ),
+        "lmforge eval": lmforge_eval_run(args.checkpoint, args.data, work, args),
+    }
+    if args.bf16:
+        rows["lmforge eval --dtype bf16"] = lmforge_eval_run(
+            args.checkpoint, args.data, work, args, "bf16"
+        )
+    return rows
+
+
+def print_round(args: argparse.Namespace, rows: dict[str, dict]) -> None:
+    """The round's table, whether the fp32 runs' scores agree, and the hf/lmforge gap."""
+    peer = rows["lm_eval --model hf"]
     print(
         f"checkpoint {args.checkpoint}, {args.data} (first {args.limit} items), "
         f"batch size {args.batch_size}, CPU fp32"
     )
     print("| run | items | wall s | scoring s | items/s (scoring) | vs hf | acc | acc_norm |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    rows = {**runs, **({"lmforge eval --dtype bf16": bf16} if args.bf16 else {})}
     for name, r in rows.items():
         rate = r["items"] / r["scoring"]
         speedup = rate / (peer["items"] / peer["scoring"])
@@ -192,13 +219,14 @@ def main() -> None:
             f"| {name} | {r['items']} | {r['wall']:.1f} | {r['scoring']:.2f} | {rate:.1f} | "
             f"{speedup:.2f}x | {r['acc']:.4f} | {r['acc_norm']:.4f} |"
         )
+    fp32 = [r for name, r in rows.items() if "bf16" not in name]
     for metric in ("acc", "acc_norm"):
-        same = len({r[metric] for r in runs.values()}) == 1
+        same = len({r[metric] for r in fp32}) == 1
         print(f"{metric} identical in all three: {'yes' if same else 'no'}")
         if args.bf16:
-            same = bf16[metric] == peer[metric]
+            same = rows["lmforge eval --dtype bf16"][metric] == peer[metric]
             print(f"{metric} of lmforge bf16 equal to the fp32 runs': {'yes' if same else 'no'}")
-    gap = max_ll_gap(peer["lls"], runs["lm_eval --model lmforge"]["lls"])
+    gap = max_ll_gap(peer["lls"], rows["lm_eval --model lmforge"]["lls"])
     print(f"max |log-likelihood difference| per choice, hf vs lmforge model: {gap:.2e}")
 
 

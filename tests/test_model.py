@@ -3,14 +3,17 @@ init and checkpoints of the layout with fused qkv and gate_up."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import lmforge
 from lmforge.common import LmforgeError
 from lmforge.config import build_config, model_config
-from lmforge.model.gpt import GPT, KVCache
+from lmforge.model.gpt import GPT, KVCache, additive_mask
 from lmforge.model.heads import RewardModel
 from lmforge.train.checkpoint import save_checkpoint
 
@@ -224,6 +227,52 @@ def test_logits_to_keep_is_the_last_positions_of_the_full_forward(variant):
     torch.testing.assert_close(torch.cat([prefill, step], 1), full[:, [7, 8]], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="logits_to_keep"):
         model(x, logits_to_keep=-1)
+
+
+@pytest.mark.parametrize(
+    "variant", ["learned", "llama_style", "gqa", "post_norm", "sliding_window"]
+)
+def test_kept_positions_of_each_row_equal_the_full_forward(variant):
+    """logits_to_keep as (B, k) positions, each row its own (repeats and padding allowed): the
+    last block computes only those queries, and gives the full forward's logits there."""
+    model = make_model(**VARIANTS[variant])
+    x = random_ids(3, 12)
+    keep = torch.tensor([[0, 5, 11, 11], [3, 3, 7, 0], [1, 2, 10, 6]])  # (B, k)
+    padding = torch.ones(3, 12, dtype=torch.long)
+    padding[1, :2] = 0
+    documents = torch.tensor([[0] * 5 + [1] * 7, [0] * 12, [0] * 3 + [1] * 3 + [2] * 6])
+    blocks = torch.ones(12, 12, dtype=torch.bool).tril()  # (T, T)
+    blocks[6:, :6] = False  # two halves that cannot see each other
+    runs = [{}, {"attention_mask": padding}, {"document_ids": documents}]
+    runs.append({"attention_mask": blocks.expand(3, 1, 12, 12)})
+    seen = {}  # block -> its MLP's last input shape
+    for i in (0, -1):
+        hook = lambda mod, args, i=i: seen.__setitem__(i, tuple(args[0].shape))  # noqa: E731
+        model.blocks[i].mlp.register_forward_pre_hook(hook)
+    with torch.no_grad():
+        for kwargs in runs:
+            full = model(x, **kwargs)  # (B, T, V)
+            kept = model(x, logits_to_keep=keep, **kwargs)  # (B, k, V)
+            expected = full.gather(1, keep[..., None].expand(-1, -1, V))
+            torch.testing.assert_close(kept, expected, atol=1e-6, rtol=0)
+            every_row = model(x, logits_to_keep=torch.tensor([4, 9]), **kwargs)  # (B, 2, V)
+            torch.testing.assert_close(every_row, full[:, [4, 9]], atol=1e-6, rtol=0)
+    assert seen == {0: (3, 12, model.config.d_model), -1: (3, 2, model.config.d_model)}
+
+
+def test_a_boolean_mask_becomes_the_additive_mask_sdpa_would_make():
+    """The model turns a boolean mask into SDPA's additive form once per forward: the
+    attention is bitwise what SDPA computes from the boolean itself."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 9, 8, generator=gen) for _ in range(3))
+    mask = torch.rand(2, 1, 9, 9, generator=gen) > 0.5
+    mask |= torch.eye(9, dtype=torch.bool)  # no query without a key
+    additive = additive_mask(mask, torch.float32)
+    assert additive.dtype == torch.float32 and set(additive.unique().tolist()) == {0.0, -math.inf}
+    assert torch.equal(
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+        F.scaled_dot_product_attention(q, k, v, attn_mask=additive),
+    )
 
 
 def test_grouped_query_attention_uses_sdpa_enable_gqa(monkeypatch):

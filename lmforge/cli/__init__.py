@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from lmforge.allocator import keep_freed_memory
 from lmforge.common import LmforgeError
 
 # verb -> (module providing add_arguments/run, one-line help)
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         args.extra = unknown
         if unknown and not getattr(args, "accepts_overrides", False):
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        keep_freed_memory()  # before the verb makes its first tensors
         return int(args._run(args) or 0)
     except LmforgeError as e:
         if debug:

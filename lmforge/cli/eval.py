@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import platform
 import time
 from pathlib import Path
@@ -75,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise LmforgeError(f"{folder} has no tokenizer/, so text cannot be scored")
     model = model.to(getattr(torch, DTYPES[args.dtype]))
+    # Start-up leaves ~350k objects (torch, the model) that live to the end; frozen, Python's
+    # full garbage collections skip them (one took 0.18 s of a 1.7 s PIQA scoring pass).
+    gc.freeze()
     scorer = Scorer(model, tokenizer, args.batch_size, progress=True)
     tasks, details, files, timings = {}, {}, {}, {}
     for name, path in specs:

@@ -22,7 +22,7 @@ and every log-probability is computed in fp32.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -71,15 +71,20 @@ class _Tree:
     """Tokens cut from the left of the context to fit the block."""
     shared: int
     """How many trunk tokens are continuation tokens (its last `shared`)."""
-    members: list[int]
+    members: list[int] = field(default_factory=list)
     """The requests' indices."""
-    suffixes: list[list[int]]
+    suffixes: list[list[int]] = field(default_factory=list)
     """Each request's continuation after the shared tokens (at least one token)."""
+    length: int = field(init=False)
+    """Input tokens: the trunk and every suffix but its last token."""
 
-    @property
-    def length(self) -> int:
-        """Input tokens: the trunk and every suffix but its last token."""
-        return len(self.trunk) + sum(len(x) - 1 for x in self.suffixes)
+    def __post_init__(self):
+        self.length = len(self.trunk) + sum(len(x) - 1 for x in self.suffixes)
+
+    def add(self, member: int, suffix: list[int]) -> None:
+        self.members.append(member)
+        self.suffixes.append(suffix)
+        self.length += len(suffix) - 1
 
 
 class _RowLayout:
@@ -171,19 +176,33 @@ class Scorer:
         trailing whitespace moves to the continuation, the pair is encoded as one text and
         the continuation is what follows the context's own encoding (so a token that merges
         across the boundary is not split). An empty context becomes the prefix token."""
-        spaces = len(context) - len(context.rstrip())
-        if spaces:
-            context, continuation = context[:-spaces], context[-spaces:] + continuation
-        if not context:
-            if self.prefix_id is None:
-                raise LmforgeError(
-                    "an empty context needs a BOS or end-of-text token, and this tokenizer "
-                    "has neither"
-                )
-            return [self.prefix_id], self.encode_texts([continuation])[0]
-        whole = self.tokenizer.encode(context + continuation)
-        ctx = self.tokenizer.encode(context)
-        return ctx, whole[len(ctx) :]
+        return self.encode_pairs([(context, continuation)])[0]
+
+    def encode_pairs(self, requests: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+        """encode_pair of every request, with the tokenizer run once over all the texts (its
+        batch encoder uses every core) and once over each distinct context."""
+        pairs = []
+        for context, continuation in requests:
+            spaces = len(context) - len(context.rstrip())
+            if spaces:
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
+            pairs.append((context, continuation))
+        if any(not c for c, _ in pairs) and self.prefix_id is None:
+            raise LmforgeError(
+                "an empty context needs a BOS or end-of-text token, and this tokenizer has neither"
+            )
+        contexts = list(dict.fromkeys(c for c, _ in pairs if c))
+        context_ids = dict(zip(contexts, self.tokenizer.encode_batch(contexts)))
+        alone = self.encode_texts([x for c, x in pairs if not c])[::-1]  # popped in order
+        wholes = self.tokenizer.encode_batch([c + x for c, x in pairs if c])[::-1]
+        out = []
+        for context, _ in pairs:
+            if not context:
+                out.append(([self.prefix_id], alone.pop()))
+            else:
+                ctx = context_ids[context]
+                out.append((ctx, wholes.pop()[len(ctx) :]))
+        return out
 
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
         """Token ids of whole texts without the BOS a tokenizer may add: the prefix token
@@ -196,7 +215,7 @@ class Scorer:
     @torch.no_grad()
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[PairScore]:
         """Score each (context, continuation) pair; results in request order."""
-        return self.loglikelihood_ids([self.encode_pair(c, x) for c, x in requests])
+        return self.loglikelihood_ids(self.encode_pairs(requests))
 
     @torch.no_grad()
     def loglikelihood_ids(self, pairs: list[tuple[list[int], list[int]]]) -> list[PairScore]:
@@ -216,9 +235,10 @@ class Scorer:
         total = sum(len(tree.members) for row in rows for tree in row)
         bar = tqdm(total=total, disable=not self.progress, desc="loglikelihood", leave=False)
         for b in range(0, len(rows), self.batch_size):
-            for i, score in self._score_rows(rows[b : b + self.batch_size]):
+            scores = list(self._score_rows(rows[b : b + self.batch_size]))
+            for i, score in scores:
                 results[i] = score
-                bar.update()
+            bar.update(len(scores))
         bar.close()
         self._pair_scores.update(zip(keys, results))
         return results  # type: ignore[return-value]
@@ -239,13 +259,12 @@ class Scorer:
             room = self.block - max(map(len, conts)) + 1  # the last token is never an input
             cut = max(0, len(ctx) - room)
             trunk = list(ctx[cut:]) + conts[0][:shared]
-            tree = _Tree(trunk, cut, shared, [], [])
+            tree = _Tree(trunk, cut, shared)
             for i, cont in zip(idx, conts):
                 if tree.members and tree.length + len(cont) - shared - 1 > self.block:
                     trees.append(tree)
-                    tree = _Tree(trunk, cut, shared, [], [])
-                tree.members.append(i)
-                tree.suffixes.append(cont[shared:])
+                    tree = _Tree(trunk, cut, shared)
+                tree.add(i, cont[shared:])
             trees.append(tree)
         return sorted(trees, key=lambda t: -t.length)
 
@@ -266,33 +285,50 @@ class Scorer:
 
     def _score_rows(self, rows: list[list[_Tree]]) -> Iterable[tuple[int, PairScore]]:
         """One forward over packed rows (right-padded; a 4-D mask keeps every tree and every
-        suffix to itself); log-probabilities only where a continuation token is predicted."""
+        suffix to itself) that carries to the last block and the output layer only the
+        positions predicting a continuation token."""
         layouts = [_RowLayout(row) for row in rows]
         T = max(len(x.ids) for x in layouts)
+        k = max(len(x.predict_at) for x in layouts)
         ids = torch.zeros(len(rows), T, dtype=torch.long)
         positions = torch.zeros_like(ids)
         mask = torch.zeros(len(rows), 1, T, T, dtype=torch.bool)
+        predict_at = torch.zeros(len(rows), k, dtype=torch.long)  # padded with position 0
         for r, layout in enumerate(layouts):
             n = len(layout.ids)
             ids[r, :n] = torch.tensor(layout.ids)
             positions[r, :n] = torch.tensor(layout.positions)
             mask[r, 0] = layout.mask(T)
+            predict_at[r, : len(layout.predict_at)] = torch.tensor(layout.predict_at)
         hidden = self.model(
             ids.to(self.device),
             attention_mask=mask.to(self.device),
             position_ids=positions.to(self.device),
+            logits_to_keep=predict_at.to(self.device),
             return_hidden=True,
-        )  # (R, T, d)
-        for r, layout in enumerate(layouts):
-            where = torch.tensor(layout.predict_at, device=self.device)  # (n,)
+        )  # (R, k, d)
+        picked, greedy = [], []  # per predicted position, rows in turn
+        for r, layout in enumerate(layouts):  # a row's logits at a time stay in cache
             targets = torch.tensor(layout.targets, device=self.device)  # (n,)
-            logprobs = F.log_softmax(self._head(hidden[r, where]).float(), dim=-1)  # (n, V)
-            picked = logprobs.gather(-1, targets[:, None])[:, 0]
-            greedy = logprobs.argmax(-1) == targets
+            logprobs = F.log_softmax(self._head(hidden[r, : len(targets)]).float(), dim=-1)
+            picked.append(logprobs.gather(-1, targets[:, None])[:, 0])  # (n,)
+            greedy.append(logprobs.argmax(-1) == targets)  # (n,)
+        picked, greedy = torch.cat(picked), torch.cat(greedy)  # (N,)
+        # each request's positions in `picked`: its row's first + its indices into predict_at
+        owner, slots, requests, start = [], [], [], 0
+        for layout in layouts:
             for (i, tokens), cut in zip(layout.requests, layout.context_cut):
-                # tokens: indices into predict_at
-                score = picked[tokens].sum().item()
-                yield i, PairScore(score, bool(greedy[tokens].all()), len(tokens), cut)
+                owner += [len(requests)] * len(tokens)
+                slots += [start + t for t in tokens]
+                requests.append((i, len(tokens), cut))
+            start += len(layout.predict_at)
+        owner = torch.tensor(owner, device=self.device)
+        slots = torch.tensor(slots, device=self.device)
+        per_request = torch.zeros(2, len(requests), dtype=torch.float64, device=self.device)
+        per_request[0].index_add_(0, owner, picked[slots].double())  # summed in fp64
+        per_request[1].index_add_(0, owner, (~greedy[slots]).double())  # non-greedy tokens
+        for (i, n, cut), (score, misses) in zip(requests, per_request.T.tolist()):
+            yield i, PairScore(score, misses == 0, n, cut)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         """The decoder's output layer on final hidden states (n, d) -> logits (n, V)."""

@@ -143,8 +143,8 @@ def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask | BlockMask, dropout_p=0.0
 ) -> torch.Tensor:
     """SDPA with nkv <= nh key/value heads: q (B, nh, T, hd), k and v (B, nkv, S, hd) ->
-    (B, nh, T, hd). mask as GPT._mask gives it: True causal, False none, a boolean tensor, or
-    a FlexAttention BlockMask (model.attention_backend=flex)."""
+    (B, nh, T, hd). mask as GPT.forward gives it: True causal, False none, an additive tensor
+    (additive_mask), or a FlexAttention BlockMask (model.attention_backend=flex)."""
     if BlockMask is not None and isinstance(mask, BlockMask):
         return flex_attend(q, k, v, mask, dropout_p)
     gqa = {}
@@ -171,9 +171,42 @@ def attend(
     )
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def at_positions(t: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
+    """t (B or 1, ..., T at `dim`, ...) at each row's own positions keep (B, k): the same
+    shape with k at `dim` (hidden states, RoPE tables, mask rows of the kept queries)."""
+    B, k = keep.shape
+    t = t.expand(B, *t.shape[1:])
+    view = [B if i == 0 else k if i == dim else 1 for i in range(t.dim())]
+    size = [B if i == 0 else k if i == dim else n for i, n in enumerate(t.shape)]
+    return t.gather(dim, keep.view(view).expand(size))
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = may attend) as SDPA adds it to the scores: 0 or -inf, in the
+    matmuls' dtype. SDPA makes exactly this of a boolean mask itself, in every layer; made once
+    per forward instead (the conversion was 10% of fp32 attention at 16 x 256 tokens)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+        ~mask, float("-inf")
+    )
+
+
+def query_rows(mask: Mask, keep: torch.Tensor, S: int) -> Mask:
+    """The mask of the kept queries keep (B, k) alone: mask as `attend` takes it (True
+    causal, False none, or a (B or 1, 1, T, S) tensor) -> False or (B, 1, k, S)."""
+    if mask is False:
+        return False
+    if mask is True:
+        return torch.arange(S, device=keep.device) <= keep[:, None, :, None]  # (B, 1, k, S)
+    return at_positions(mask, keep, 2)
+
+
+def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """RoPE on queries or keys x (B, h, T, hd), halves rotated as in transformers: with x =
+    [x1, x2], x * cos + [-x2, x1] * sin. rope holds (cos, [-sin1, sin2]) (GPT.rope_tables),
+    so the sign rides on the table and the swap is one roll: the same products and sums,
+    bitwise, in two fewer passes over x."""
+    cos, signed_sin = rope  # (B, 1, T, hd) each
+    return x * cos + x.roll(x.size(-1) // 2, dims=-1) * signed_sin
 
 
 def sinusoidal_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -265,23 +298,30 @@ class Attention(nn.Module):
         self.dropout = cfg.attention_dropout_rate
         self.resid_drop = Dropout(cfg.dropout)
 
-    def forward(self, x, rope, mask, kv_cache: KVCache | None, prefix_kv=None) -> torch.Tensor:
-        """prefix_kv (2, nkv, P, hd): this layer's Prefix keys/values, put before every row's."""
+    def forward(
+        self, x, rope, mask, kv_cache: KVCache | None, prefix_kv=None, keep=None
+    ) -> torch.Tensor:
+        """prefix_kv (2, nkv, P, hd): this layer's Prefix keys/values, put before every row's.
+        keep (B, k): only these positions of each row query (keys and values are every
+        position's), and the output is (B, k, d); None: all of them."""
         B, T, _ = x.shape
         # Under autocast each Linear casts its fp32 input for itself and saves that copy for its
         # backward: cast once, so that q, k and v share one copy, as one fused Linear had it
         # (their input gradients then add up in bf16, not fp32: measured against fp32
         # gradients, no less accurate). A no-op in fp32.
         x = x.to(compute_dtype(x))
-        q = self.q(x).view(B, T, -1, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        xq = x if keep is None else at_positions(x, keep, 1)  # (B, Tq, d), Tq = T or k
+        Tq = xq.size(1)
+        q = self.q(xq).view(B, Tq, -1, self.hd).transpose(1, 2)  # (B, nh, Tq, hd)
         k = self.k(x).view(B, T, -1, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v(x).view(B, T, -1, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         if self.q_norm is not None:  # before RoPE and the cache: cached keys are normed too
             q, k = self.q_norm(q), self.k_norm(k)  # over hd; (B, nh, T, hd), (B, nkv, T, hd)
         if rope is not None:
-            cos, sin = rope  # (B, 1, T, hd)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+            rope_q = rope if keep is None else tuple(at_positions(t, keep, 2) for t in rope)
+            q, k = rotate(q, rope_q), rotate(k, rope)
+        if keep is not None:
+            mask = query_rows(mask, keep, k.size(-2))
         if kv_cache is not None and kv_cache.packed:
             y = kv_cache.attend(self.layer, q, k, v)  # (1, nh, T, hd)
         else:
@@ -290,8 +330,8 @@ class Attention(nn.Module):
             if prefix_kv is not None:
                 pk, pv = prefix_kv.to(k.dtype)[:, None].expand(-1, B, -1, -1, -1)  # (B,nkv,P,hd)
                 k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (B, nkv, P+S, hd)
-            y = attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hd): d unless pruned
+            y = attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, nh, Tq, hd)
+        y = y.transpose(1, 2).reshape(B, Tq, -1)  # (B, Tq, nh * hd): d unless pruned
         return self.resid_drop(self.proj(y))
 
 
@@ -404,19 +444,24 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path_rate(cfg, layer))
         self.activation_checkpointing = False  # set from outside by the trainer
 
-    def _forward(self, x, rope, mask, kv_cache, prefix_kv):
+    def _forward(self, x, rope, mask, kv_cache, prefix_kv, keep):
+        """keep (B, k): compute only these positions of each row (see Attention.forward)."""
+        residual = x if keep is None else at_positions(x, keep, 1)  # (B, T or k, d)
         if self.pre_norm:
-            x = x + self.drop_path(self.attn(self.norm1(x), rope, mask, kv_cache, prefix_kv))
+            x = self.attn(self.norm1(x), rope, mask, kv_cache, prefix_kv, keep)
+            x = residual + self.drop_path(x)
             return x + self.drop_path(self.mlp(self.norm2(x)))
-        x = self.norm1(x + self.drop_path(self.attn(x, rope, mask, kv_cache, prefix_kv)))
+        x = self.norm1(
+            residual + self.drop_path(self.attn(x, rope, mask, kv_cache, prefix_kv, keep))
+        )
         return self.norm2(x + self.drop_path(self.mlp(x)))
 
-    def forward(self, x, rope, mask, kv_cache=None, prefix_kv=None):
+    def forward(self, x, rope, mask, kv_cache=None, prefix_kv=None, keep=None):
         if self.activation_checkpointing and self.training and kv_cache is None:
             return checkpoint(
-                self._forward, x, rope, mask, kv_cache, prefix_kv, use_reentrant=False
+                self._forward, x, rope, mask, kv_cache, prefix_kv, keep, use_reentrant=False
             )
-        return self._forward(x, rope, mask, kv_cache, prefix_kv)
+        return self._forward(x, rope, mask, kv_cache, prefix_kv, keep)
 
 
 def require_causal(config: ModelConfig, task: str) -> None:
@@ -575,7 +620,9 @@ class GPT(nn.Module):
         """input_ids (B, T) -> logits (B, T, V), or (B, k, V) for the last k positions only
         when logits_to_keep=k > 0 (generation needs just the last one; the head is the
         largest matmul of a small model's forward at a large vocabulary), or for the positions
-        a 1-D index tensor of k entries names.
+        a tensor names: (k,) for every row, or (B, k) each row's own (scoring takes the
+        positions that predict a continuation). Without a KV cache the last block then runs
+        only those positions' queries and MLP.
 
         attention_mask (B, S), 1 for real tokens and 0 for padding, covers the cached
         positions plus the new ones (S = cache length + T). A 4-D boolean (B, 1, T, S) mask is
@@ -616,14 +663,25 @@ class GPT(nn.Module):
         mask = (
             False if packed else self._mask(T, S, offset, attention_mask, document_ids, P, device)
         )
+        if isinstance(mask, torch.Tensor):
+            mask = additive_mask(mask, compute_dtype(x))
         layer_kv = [None] * len(self.blocks) if prefix is None else prefix.kv  # (L, 2, nkv, P, hd)
-        for block, prefix_kv in zip(self.blocks, layer_kv):
-            x = block(x, rope, mask, kv_cache, prefix_kv)
+        # Kept positions as each row's own (B, k): the last block computes only them (its keys
+        # and values still come from every position), since nothing reads its other outputs.
+        # Not with a KV cache (every position's keys go in it) or a flex BlockMask.
+        last_keep = None
+        if not keep_last:
+            rows = logits_to_keep.expand(B, -1) if logits_to_keep.dim() == 1 else logits_to_keep
+            flex = BlockMask is not None and isinstance(mask, BlockMask)
+            last_keep = None if kv_cache is not None or flex else rows
+        for i, (block, prefix_kv) in enumerate(zip(self.blocks, layer_kv)):
+            keep = last_keep if i == len(self.blocks) - 1 else None
+            x = block(x, rope, mask, kv_cache, prefix_kv, keep)
         if kv_cache is not None:
             kv_cache.advance(T)
-        if not keep_last:
-            x = x[:, logits_to_keep]  # (B, k, d)
-        elif logits_to_keep:
+        if not keep_last and last_keep is None:
+            x = x[:, logits_to_keep] if logits_to_keep.dim() == 1 else at_positions(x, rows, 1)
+        elif keep_last and logits_to_keep:
             x = x[:, -logits_to_keep:]  # (B, k, d)
         x = self.norm_f(x)
         return x if return_hidden else self.logits(x)  # (B, T or k, d or V)
@@ -638,13 +696,16 @@ class GPT(nn.Module):
         return x
 
     def rope_tables(self, pos: torch.Tensor, dtype: torch.dtype):
-        """RoPE's (cos, sin) of positions pos (B, T), each (B, 1, T, hd) in `dtype` (the
-        matmuls': queries and keys rotate in it, as transformers does); None without RoPE."""
+        """RoPE's tables for positions pos (B, T): cos and sin with the first half's sign
+        flipped (what `rotate` takes), each (B, 1, T, hd) in `dtype` (the matmuls': queries and
+        keys rotate in it, as transformers does); None without RoPE."""
         if self.config.pos_encoding != "rope":
             return None
         freqs = pos[..., None].float() * self.rope_inv_freq  # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        sin = emb.sin()
+        sin[..., : freqs.size(-1)].neg_()  # [-sin1, sin2]
+        return emb.cos().to(dtype), sin.to(dtype)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output layer on final normed hidden states (..., d) -> logits (..., V), for
