@@ -393,8 +393,9 @@ class TrainConfig:
     eval_interval: int = 250
     """Steps between evaluations on the validation split."""
     eval_steps: int = 20
-    """Validation batches per evaluation (the same batches every time; post-training
-    evaluates every held-out example instead)."""
+    """Validation batches per evaluation, the same batches every time; 0: the whole validation
+    split, every token once (causal pretraining; post-training always evaluates every
+    held-out example)."""
     eval_generations: int = 32
     """Post-training: held-out prompts answered greedily at each evaluation (val_end_rate)."""
     eval_max_new_tokens: int = 96
@@ -429,11 +430,16 @@ class TrainConfig:
             "grad_accum_steps",
             "log_interval",
             "eval_interval",
-            "eval_steps",
             "ckpt_interval",
             "max_bad_steps",
         ):
             _check_positive(f"train.{name}", getattr(self, name))
+        _check_positive("train.eval_steps", self.eval_steps, allow_zero=True)
+        if self.eval_steps == 0 and self.objective != "causal":
+            raise LmforgeError(
+                "train.eval_steps=0 (the whole validation split) is for objective=causal; "
+                "a masked LM's validation draws its masks per batch: give a number of batches"
+            )
         _check_positive("train.lr", self.lr)
         _check_positive("train.muon_lr", self.muon_lr)
         _check_positive("train.max_minutes", self.max_minutes, allow_zero=True)

@@ -285,6 +285,10 @@ def test_classify_starts_from_an_mlm_checkpoint_and_causal_lm_verbs_refuse_it(tm
         (["--train.nsp=true"], "train.nsp=true needs train.objective=mlm"),
         (["--model.causal=false"], "model.causal=false needs train.objective=mlm"),
         (["--train.objective=masked"], "train.objective='masked' is not one of causal, mlm"),
+        (
+            ["--train.objective=mlm", "--model.causal=false", "--train.eval_steps=0"],
+            "train.eval_steps=0 (the whole validation split) is for objective=causal",
+        ),
     ],
 )
 def test_bad_mlm_configs_are_one_clear_error_line(text_file, tmp_path, capsys, overrides, message):

@@ -115,6 +115,19 @@ def test_fsdp_matches_one_process_and_reshards_4_2_1(text_file, single, tmp_path
     assert build_config(run / "config.yaml").train.parallel.dp_shard == 1
 
 
+def test_whole_split_validation_on_sharded_ranks_matches_one_process(text_file, tmp_path):
+    """train.eval_steps=0 scores the whole validation split: two FSDP ranks, each its share of
+    the windows in as many forwards, report the one-process val_loss."""
+    whole = "--train.eval_steps=0"
+    assert main(["train", *_args(text_file, tmp_path, "one", 1, whole)]) == 0
+    shard = "--train.parallel.dp_shard=2"
+    torchrun(2, "train", *_args(text_file, tmp_path, "two", 2, whole, shard), cwd=tmp_path)
+    val = {run: {k: v for k, v in _losses(tmp_path / run).items() if k[0] == "val_loss"}
+           for run in ("one", "two")}  # fmt: skip
+    assert val["one"].keys() == val["two"].keys() and len(val["one"]) == 4  # steps 0, 2, 4, 6
+    assert max(abs(val["one"][k] - val["two"][k]) for k in val["one"]) <= 1e-5
+
+
 def test_hybrid_sharding_with_adamw_matches_one_process(text_file, tmp_path):
     """HSDP: 2 replicas of 2 shards; AdamW's fused kernel on sharded parameters."""
     adamw = "--train.optimizer=adamw"

@@ -12,7 +12,7 @@ from conftest import error_line
 
 from lmforge.cli import main
 from lmforge.config import DataConfig
-from lmforge.data.loader import encode_documents, load_pretrain_data
+from lmforge.data.loader import encode_documents, load_pretrain_data, whole_split_batches
 from lmforge.data.shards import read_prepared
 from lmforge.tokenizer import CharTokenizer
 
@@ -127,3 +127,31 @@ def test_a_trained_tokenizer_needs_a_vocabulary_size(spec, tmp_path, capsys):
         err == f"lmforge: error: data.tokenizer={spec}: expected train:VOCAB_SIZE, e.g. train:512"
     )
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_whole_split_batches_score_every_target_once_in_step_on_every_rank(world):
+    block, batch = 8, 3
+    arrays = [np.arange(n, dtype=np.uint16) + 1000 * a for a, n in enumerate((5, 8, 9, 17, 41))]
+    scored = []
+    per_rank = []
+    for rank in range(world):
+        batches = whole_split_batches(arrays, block, batch, rank, world)
+        per_rank.append(len(batches))
+        for b in batches:
+            assert b["input_ids"].shape == b["labels"].shape == (batch, block)
+            for x, y in zip(b["input_ids"].tolist(), b["labels"].tolist()):
+                for j, target in enumerate(y):
+                    if target == -100:
+                        continue
+                    a, pos = divmod(target, 1000)
+                    # its context: the tokens just before it, as far back as the window goes
+                    assert x[: j + 1] == list(range(target - j - 1, target))
+                    scored.append((a, pos))
+    assert len(set(per_rank)) == 1  # every rank runs as many forwards
+    expected = [(a, pos) for a, arr in enumerate(arrays) for pos in range(1, len(arr))]
+    assert sorted(scored) == expected  # each target exactly once, each array's first never
+    # the last window of an array reaches back a full block when the array is long enough
+    last = whole_split_batches([np.arange(20)], block, 1)[-1]
+    assert last["input_ids"][0].tolist() == list(range(11, 19))
+    assert last["labels"][0].tolist() == [-100] * 5 + [17, 18, 19]

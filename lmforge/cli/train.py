@@ -11,7 +11,13 @@ from lmforge.recipes.pretrain import train
 DEFAULT_JOB = {
     "data": {"tokenizer": "train:512"},
     "model": {"dropout": 0.1},
-    "train": {"max_minutes": 5.0, "max_steps": 2400, "dropout_start": 700, "ema_decay": 0.995},
+    "train": {
+        "max_minutes": 5.0,
+        "max_steps": 2400,
+        "dropout_start": 700,
+        "ema_decay": 0.995,
+        "eval_steps": 0,
+    },
 }
 """`lmforge train` with no arguments: the config tree's defaults (the Shakespeare job), a
 time limit that no other run has unless it asks for one, a 512-token BPE trained on the
@@ -20,7 +26,8 @@ dropout: 700 steps without (the fast start), then dropout 0.1 against overfittin
 model sees its 0.5M training tokens ~10 times), over 2,400 steps, which about fit the 5
 minutes on a 2-core CPU; and a weight average over ~200 steps, evaluated and saved, so that a
 run the time limit cuts before its learning rate has decayed still ends near where the
-finished schedule would (BENCHMARKS.md)."""
+finished schedule would; validation scores the whole split, every token once, so the loss it
+reports carries no sampling noise (BENCHMARKS.md)."""
 
 
 def default_job_overrides() -> list[str]:

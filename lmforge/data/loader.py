@@ -83,6 +83,37 @@ class RandomWindowLoader:
         self.steps_drawn = state["steps_drawn"]
 
 
+def whole_split_batches(
+    arrays: list[np.ndarray], block_size: int, batch_size: int, rank: int = 0, world_size: int = 1
+) -> list[dict[str, torch.Tensor]]:
+    """This rank's batches over a whole split, every token but each array's first the target of
+    exactly one window: {'input_ids', 'labels'} (batch_size, block_size), -100 where a
+    target is not scored. Windows follow each other block_size targets apart; an array's last
+    window ends at its last token and reaches back a full block for context, ignoring the
+    targets the window before it scored. Windows go to ranks in turn, and every rank gets the
+    same number of full batches (rows past the end score nothing), so that a sharded model's
+    ranks run their forwards in step."""
+    windows = []  # (array, first input, end, targets to skip)
+    for a, tokens in enumerate(arrays):
+        for first_target in range(1, len(tokens), block_size):
+            end = min(first_target + block_size, len(tokens))
+            begin = max(0, end - block_size - 1)
+            windows.append((a, begin, end, first_target - begin - 1))
+    mine = windows[rank::world_size]
+    per_rank = -(-len(windows) // world_size)  # ceil
+    n_batches = -(-per_rank // batch_size)
+    inputs = torch.zeros(n_batches * batch_size, block_size, dtype=torch.long)
+    labels = torch.full_like(inputs, -100)
+    for row, (a, begin, end, skip) in enumerate(mine):
+        window = torch.from_numpy(arrays[a][begin:end].astype(np.int64))  # (<= T + 1,)
+        inputs[row, : len(window) - 1] = window[:-1]
+        labels[row, skip : len(window) - 1] = window[1 + skip :]
+    return [
+        {"input_ids": x, "labels": y}
+        for x, y in zip(inputs.split(batch_size), labels.split(batch_size))
+    ]
+
+
 def bundled_text_path() -> Path:
     return Path(str(resources.files("lmforge") / "assets" / "tinyshakespeare.txt"))
 

@@ -15,8 +15,14 @@ import torch
 
 from lmforge.common import LmforgeError, print0, seed_everything
 from lmforge.config import Config
-from lmforge.data.loader import PretrainData, RandomWindowLoader, load_pretrain_data
+from lmforge.data.loader import (
+    PretrainData,
+    RandomWindowLoader,
+    load_pretrain_data,
+    whole_split_batches,
+)
 from lmforge.data.mlm import Masker, MaskingLoader, MLMTokens, SentencePairLoader, mlm_vocab_size
+from lmforge.data.packing import document_fields
 from lmforge.model.gpt import GPT
 from lmforge.recipes.run import run_folder
 from lmforge.tokenizer import Tokenizer, load_tokenizer
@@ -113,7 +119,16 @@ def loaders(
 
 
 def val_batches(cfg: Config, data: PretrainData, info: DistInfo) -> Iterator[Batch]:
-    """The validation batches: the same train.eval_steps batches at every evaluation."""
+    """The validation batches, the same at every evaluation: train.eval_steps batches drawn
+    as training draws its own, or with eval_steps=0 the whole split, every token once."""
+    if cfg.train.eval_steps == 0:
+        batches = whole_split_batches(
+            data.val, cfg.model.block_size, cfg.train.micro_batch_size, info.dp_rank, info.dp_size
+        )
+        if cfg.data.within_document:  # attention kept inside documents, as in training
+            batches = [b | document_fields(b["input_ids"], data.tokenizer.eot_id) for b in batches]
+        yield from batches
+        return
     loader = _loader(cfg, data.val, cfg.train.seed + 1, data.tokenizer, info)
     for _ in range(cfg.train.eval_steps):
         yield loader.next_step(1)[0]
