@@ -193,15 +193,15 @@ class Scorer:
             )
         contexts = list(dict.fromkeys(c for c, _ in pairs if c))
         context_ids = dict(zip(contexts, self.tokenizer.encode_batch(contexts)))
-        alone = self.encode_texts([x for c, x in pairs if not c])[::-1]  # popped in order
-        wholes = self.tokenizer.encode_batch([c + x for c, x in pairs if c])[::-1]
+        alone = iter(self.encode_texts([x for c, x in pairs if not c]))
+        wholes = iter(self.tokenizer.encode_batch([c + x for c, x in pairs if c]))
         out = []
         for context, _ in pairs:
             if not context:
-                out.append(([self.prefix_id], alone.pop()))
+                out.append(([self.prefix_id], next(alone)))
             else:
                 ctx = context_ids[context]
-                out.append((ctx, wholes.pop()[len(ctx) :]))
+                out.append((ctx, next(wholes)[len(ctx) :]))
         return out
 
     def encode_texts(self, texts: list[str]) -> list[list[int]]:

@@ -671,7 +671,7 @@ class GPT(nn.Module):
         # Not with a KV cache (every position's keys go in it) or a flex BlockMask.
         last_keep = None
         if not keep_last:
-            rows = logits_to_keep.expand(B, -1) if logits_to_keep.dim() == 1 else logits_to_keep
+            rows = (logits_to_keep % T).expand(B, -1)  # (B, k); negative positions count back
             flex = BlockMask is not None and isinstance(mask, BlockMask)
             last_keep = None if kv_cache is not None or flex else rows
         for i, (block, prefix_kv) in enumerate(zip(self.blocks, layer_kv)):
@@ -680,7 +680,7 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         if not keep_last and last_keep is None:
-            x = x[:, logits_to_keep] if logits_to_keep.dim() == 1 else at_positions(x, rows, 1)
+            x = at_positions(x, rows, 1)  # (B, k, d)
         elif keep_last and logits_to_keep:
             x = x[:, -logits_to_keep:]  # (B, k, d)
         x = self.norm_f(x)
