@@ -545,9 +545,19 @@ class PeftConfig:
             raise LmforgeError("peft.targets is empty: name the Linear layers LoRA adapts")
 
 
+POOLINGS = ("last", "mean")
+
+
+def check_pooling(section: str, pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise LmforgeError(
+            f"{section}.pooling={pooling!r} must be last or mean{did_you_mean(pooling, POOLINGS)}"
+        )
+
+
 @dataclass
 class ClassifyConfig:
-    """Sequence classification (`lmforge classify`): a head on the last real token."""
+    """Sequence classification (`lmforge classify`): a head on the pooled hidden states."""
 
     text_field: str = "text"
     """The record field holding the text to classify."""
@@ -568,8 +578,12 @@ class ClassifyConfig:
     lm_weight: float = 0.0
     """Weight of an auxiliary next-token loss on the same texts (GPT-1's lambda, 0.5 there);
     0 trains on the labels alone."""
+    pooling: str = "last"
+    """What the head reads: 'last' (the last real token, the only one that has seen the whole
+    text) or 'mean' (the mean of every real token's final hidden state)."""
 
     def __post_init__(self) -> None:
+        check_pooling("classify", self.pooling)
         if self.lm_weight < 0:
             raise LmforgeError(f"classify.lm_weight={self.lm_weight} must be >= 0")
         for item in filter(None, self.pairs.split(",")):
@@ -583,6 +597,11 @@ class RewardConfig:
 
     margin: float = 0.0
     """Bradley-Terry with a margin: -log sigmoid(r_chosen - r_rejected - margin)."""
+    pooling: str = "last"
+    """What the scalar head reads: 'last' or 'mean', as classify.pooling."""
+
+    def __post_init__(self) -> None:
+        check_pooling("reward", self.pooling)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from lmforge.cli import main
 from lmforge.config import ClassifyConfig, model_config
 from lmforge.data.classify import load_labelled
 from lmforge.model.gpt import GPT
-from lmforge.model.heads import SequenceClassifier
+from lmforge.model.heads import SequenceClassifier, pool
 from lmforge.tokenizer import train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,10 +32,11 @@ def base(tok, tmp_path_factory, save_base) -> Path:
     return save_base(tmp_path_factory.mktemp("base") / "ckpt", tok, block_size=128)
 
 
-def test_the_head_pools_the_last_real_token_under_left_or_right_padding():
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_the_head_pools_the_real_tokens_under_left_or_right_padding(pooling):
     torch.manual_seed(0)
     model = SequenceClassifier(
-        GPT(model_config(preset="llama-tiny", vocab_size=65)), ["a", "b", "c"]
+        GPT(model_config(preset="llama-tiny", vocab_size=65)), ["a", "b", "c"], pooling
     ).eval()
     text = torch.tensor([[5, 9, 2, 44, 7]])
     alone = model(text)
@@ -43,6 +44,15 @@ def test_the_head_pools_the_last_real_token_under_left_or_right_padding():
     right = model(torch.cat([text, pad], 1), torch.tensor([[1] * 5 + [0] * 3]))
     left = model(torch.cat([pad, text], 1), torch.tensor([[0] * 3 + [1] * 5]))
     assert (right - alone).abs().max() <= 1e-5 and (left - alone).abs().max() <= 1e-5
+
+
+def test_mean_pooling_averages_the_real_tokens_hidden_states():
+    hidden = torch.randn(2, 4, 3)
+    mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1]])
+    pooled = pool(hidden, mask, "mean")
+    torch.testing.assert_close(pooled[0], hidden[0, :2].mean(0))
+    torch.testing.assert_close(pooled[1], hidden[1, 1:].mean(0))
+    torch.testing.assert_close(pool(hidden, mask, "last"), hidden[[0, 1], [1, 3]])
 
 
 def test_no_text_is_in_both_splits_and_the_last_records_are_held_out(tok, tmp_path):
@@ -86,12 +96,14 @@ def test_classify_trains_evaluates_and_loads_as_a_predictor(base, tmp_path, caps
     }
 
 
-def test_freeze_base_trains_only_the_head(base, tmp_path, capsys):
+def test_freeze_base_trains_only_the_head_and_the_pooling_is_kept(base, tmp_path, capsys):
     data = tmp_path / "prefs.json"
     data.write_text(json.dumps(PREFS[:60]))
-    assert _run(base, data, tmp_path, "frozen", "--freeze-base", "--train.max_steps=3") == 0
+    extra = ("--freeze-base", "--train.max_steps=3", "--classify.pooling=mean")
+    assert _run(base, data, tmp_path, "frozen", *extra) == 0
     assert "base frozen" in capsys.readouterr().out
     classifier, _ = lmforge.load(tmp_path / "frozen")
+    assert classifier.pooling == "mean"  # the checkpoint's config rebuilds its head
     base_model, _ = lmforge.load(base)
     assert all(
         torch.equal(a, b)

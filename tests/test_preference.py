@@ -129,9 +129,10 @@ def test_reward_loss_and_accuracy_equal_a_hand_computation():
     assert metrics["margin"].item() == pytest.approx(sum(gaps), abs=1e-6)
 
 
-def test_the_reward_does_not_depend_on_padding():
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_the_reward_does_not_depend_on_padding(pooling):
     torch.manual_seed(0)
-    model = RewardModel(GPT(model_config(preset="llama-tiny", vocab_size=65))).eval()
+    model = RewardModel(GPT(model_config(preset="llama-tiny", vocab_size=65)), pooling).eval()
     text = torch.tensor([[5, 9, 2, 44, 7]])
     alone = model(text)
     right = model(torch.tensor([[5, 9, 2, 44, 7, 0, 0]]), torch.tensor([[1, 1, 1, 1, 1, 0, 0]]))
@@ -143,10 +144,11 @@ def test_the_reward_does_not_depend_on_padding():
 def test_a_reward_run_loads_as_a_scorer(base, data, tmp_path, capsys):
     argv = ["reward", "--base", str(base), "--data", str(data), f"--run.dir={tmp_path}",
             "--run.name=rm", "--train.max_steps=3", "--train.eval_interval=3",
-            "--train.micro_batch_size=4", "--run.tensorboard=false", "--train.precision=fp32"]  # fmt: skip
+            "--train.micro_batch_size=4", "--run.tensorboard=false", "--train.precision=fp32",
+            "--reward.pooling=mean"]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
     rm, _ = lmforge.load(tmp_path / "rm")
-    assert isinstance(rm, RewardModel)
+    assert isinstance(rm, RewardModel) and rm.pooling == "mean"
     scores = rm.score([PREFS[0]["instruction"]] * 2, [PREFS[0]["chosen"], PREFS[0]["rejected"]])
     assert len(scores) == 2 and all(math.isfinite(s) for s in scores)
     assert (tmp_path / "rm" / "report" / "loss.png").is_file()
@@ -177,6 +179,14 @@ def test_a_pair_without_a_rejected_answer_is_one_line(base, tmp_path, capsys):
     assert main(["dpo", "--base", str(base), "--data", str(path), f"--run.dir={tmp_path}"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "has no 'rejected' answer" in err
+
+
+def test_an_unknown_pooling_is_one_line(base, data, capsys):
+    argv = ["reward", "--base", str(base), "--data", str(data), "--reward.pooling=maen"]
+    assert main(argv) == 1
+    assert "reward.pooling='maen' must be last or mean; did you mean 'mean'?" in (
+        capsys.readouterr().err
+    )
 
 
 def test_dpo_loss_type_is_checked(base, data, tmp_path, capsys):

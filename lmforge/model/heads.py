@@ -1,14 +1,17 @@
 """Heads that read a decoder's hidden states instead of its vocabulary logits: sequence
 classification here (reward and value heads are the same shape), pooled on the last real
-token, the only one that has seen the whole text under causal attention. A bidirectional
-model (model.causal=false, pretrained with train.objective=mlm) sees the whole text at every
-position, so the same pooling serves it: its checkpoints fine-tune with `lmforge classify`."""
+token, the only one that has seen the whole text under causal attention, or averaged over
+every real token (`pooling="mean"`: each answer token's evidence counts alike, which served
+reward models better in BENCHMARKS.md). A bidirectional model (model.causal=false,
+pretrained with train.objective=mlm) sees the whole text at every position, so the same
+pooling serves it: its checkpoints fine-tune with `lmforge classify`."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from lmforge.config import check_pooling
 from lmforge.model.gpt import GPT
 from lmforge.model.linear import Linear
 
@@ -22,14 +25,30 @@ def last_token_index(attention_mask: torch.Tensor | None, batch: int, length: in
     return (attention_mask.long() * positions).argmax(dim=-1)  # the largest real position
 
 
-class SequenceClassifier(nn.Module):
-    """A backbone (a GPT, or a PEFT module around one) + a linear head on the last real
-    token's final hidden state -> (B, n_labels) logits."""
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
+    """(B, T, d) final hidden states -> (B, d): the last real token's, or the mean over the
+    real tokens (every position's evidence counts alike, as in a bag of words, while each
+    state still carries its context)."""
+    B, T, _ = hidden.shape
+    if pooling == "mean":
+        if attention_mask is None:
+            return hidden.mean(dim=1)
+        weights = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+    last = last_token_index(attention_mask, B, T).to(hidden.device)  # (B,)
+    return hidden[torch.arange(B, device=hidden.device), last]
 
-    def __init__(self, backbone: nn.Module, labels: list[str]):
+
+class SequenceClassifier(nn.Module):
+    """A backbone (a GPT, or a PEFT module around one) + a linear head on the pooled final
+    hidden states (the last real token's, or their mean) -> (B, n_labels) logits."""
+
+    def __init__(self, backbone: nn.Module, labels: list[str], pooling: str = "last"):
         super().__init__()
+        check_pooling("head", pooling)
         self.backbone = backbone
         self.labels = list(labels)
+        self.pooling = pooling
         self.config = backbone.config
         self.head = Linear(self.config.d_model, len(self.labels))
         nn.init.normal_(self.head.weight, std=self.config.init_std)
@@ -42,9 +61,7 @@ class SequenceClassifier(nn.Module):
         hidden = self.backbone(
             input_ids, attention_mask=attention_mask, return_hidden=True
         )  # (B, T, d)
-        B, T = input_ids.shape
-        last = last_token_index(attention_mask, B, T).to(hidden.device)  # (B,)
-        return self.head(hidden[torch.arange(B, device=hidden.device), last])  # (B, C)
+        return self.head(pool(hidden, attention_mask, self.pooling))  # (B, C)
 
     @torch.no_grad()
     def predict(self, texts: list[str], batch_size: int = 32) -> list[str]:
@@ -81,11 +98,11 @@ class SequenceClassifier(nn.Module):
 
 
 class RewardModel(SequenceClassifier):
-    """A scalar head on the last real token: forward -> (B,) rewards. Trained with the
+    """A scalar head on the pooled hidden states: forward -> (B,) rewards. Trained with the
     Bradley-Terry loss on preference pairs (`lmforge reward`); `score` rates answers."""
 
-    def __init__(self, backbone: nn.Module):
-        super().__init__(backbone, ["reward"])
+    def __init__(self, backbone: nn.Module, pooling: str = "last"):
+        super().__init__(backbone, ["reward"], pooling)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None

@@ -1,6 +1,7 @@
-"""Sequence classification: a linear head on the last real token of a base checkpoint, trained
-with cross-entropy on the one Trainer; the base fine-tuned fully, frozen (transfer learning:
-only the head trains) or through any PEFT method.
+"""Sequence classification: a linear head on the last real token (or the mean of all real
+tokens, classify.pooling) of a base checkpoint, trained with cross-entropy on the one
+Trainer; the base fine-tuned fully, frozen (transfer learning: only the head trains) or
+through any PEFT method.
 
 Evaluation (step 0, every eval_interval, the end) reports val_loss, val_accuracy and
 val_f1 (macro-F1) on the held-out split; the run folder gets confusion.json at the end.
@@ -72,7 +73,7 @@ def classify(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
         backbone = apply_peft(base_model, cfg.peft)
         if cfg.classify.freeze_base:
             backbone.requires_grad_(False)
-        model = SequenceClassifier(backbone, labels)
+        model = SequenceClassifier(backbone, labels, cfg.classify.pooling)
         trainable, total = trainable_share(model)
         t = cfg.train
         pad_id = tokenizer.pad_id or 0

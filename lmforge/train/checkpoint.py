@@ -311,9 +311,9 @@ def load(
     if cfg.run.head != "lm" or cfg.classify.labels:  # a head on a backbone (any PEFT)
         backbone = apply_peft(GPT(cfg.model), cfg.peft)
         if cfg.run.head == "reward":
-            headed: SequenceClassifier = RewardModel(backbone)
+            headed: SequenceClassifier = RewardModel(backbone, cfg.reward.pooling)
         else:
-            headed = SequenceClassifier(backbone, cfg.classify.labels)
+            headed = SequenceClassifier(backbone, cfg.classify.labels, cfg.classify.pooling)
         load_weights(headed, folder)
         headed.tokenizer = tokenizer
         return headed.to(device).eval(), tokenizer
