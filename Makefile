@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml scripts/install_torch.sh
 demo train: setup
 	$(BIN)/lmforge train
 
-# The chat base model that post-training starts from (about 10 minutes): data, then pretraining.
+# The chat base model that post-training starts from (5-17 minutes by CPU): data, then pretraining.
 chat-base: setup
 	test -f data/chat_base/manifest.json || $(BIN)/lmforge prepare --config configs/prepare_chat_base.yaml --out data/chat_base
 	$(BIN)/lmforge train --config configs/chat_base_cpu.yaml
