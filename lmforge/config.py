@@ -548,10 +548,11 @@ class PeftConfig:
 POOLINGS = ("last", "mean")
 
 
-def check_pooling(section: str, pooling: str) -> None:
+def check_pooling(option: str, pooling: str) -> None:
+    """One error line unless `pooling` is one of POOLINGS; `option` names the setting."""
     if pooling not in POOLINGS:
         raise LmforgeError(
-            f"{section}.pooling={pooling!r} must be last or mean{did_you_mean(pooling, POOLINGS)}"
+            f"{option}={pooling!r} must be {' or '.join(POOLINGS)}{did_you_mean(pooling, POOLINGS)}"
         )
 
 
@@ -583,7 +584,7 @@ class ClassifyConfig:
     text) or 'mean' (the mean of every real token's final hidden state)."""
 
     def __post_init__(self) -> None:
-        check_pooling("classify", self.pooling)
+        check_pooling("classify.pooling", self.pooling)
         if self.lm_weight < 0:
             raise LmforgeError(f"classify.lm_weight={self.lm_weight} must be >= 0")
         for item in filter(None, self.pairs.split(",")):
@@ -601,7 +602,7 @@ class RewardConfig:
     """What the scalar head reads: 'last' or 'mean', as classify.pooling."""
 
     def __post_init__(self) -> None:
-        check_pooling("reward", self.pooling)
+        check_pooling("reward.pooling", self.pooling)
 
 
 @dataclass

@@ -45,7 +45,7 @@ class SequenceClassifier(nn.Module):
 
     def __init__(self, backbone: nn.Module, labels: list[str], pooling: str = "last"):
         super().__init__()
-        check_pooling("head", pooling)
+        check_pooling("pooling", pooling)
         self.backbone = backbone
         self.labels = list(labels)
         self.pooling = pooling

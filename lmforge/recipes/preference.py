@@ -2,7 +2,8 @@
 Trainer, from a base checkpoint, with any PEFT method:
 
 - `reward(cfg)`: a reward model, a scalar head on the last real token (or the mean of all,
-  reward.pooling) trained with the Bradley-Terry loss; held-out `val_accuracy` (pairwise) and `val_margin`.
+  reward.pooling) trained with the Bradley-Terry loss; held-out `val_accuracy` (pairwise)
+  and `val_margin`.
 - `dpo(cfg)`: direct preference optimisation of the base against a frozen copy of itself;
   held-out `val_accuracy` (implicit reward of chosen > rejected), `val_margin` and `val_kl`
   (KL to the reference over the chosen answers' tokens, nats per answer).
@@ -41,7 +42,7 @@ def reward(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
         "reward",
         lambda base_model: RewardModel(apply_peft(base_model, cfg.peft), cfg.reward.pooling),
         lambda: RewardLoss(cfg.reward.margin),
-        causal_task=None,  # a score from the last token: a bidirectional encoder serves too
+        causal_task=None,  # a score from pooled states: a bidirectional encoder serves too
     )
 
 
