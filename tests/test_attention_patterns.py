@@ -133,6 +133,22 @@ def test_flex_attention_equals_sdpa_with_the_dense_mask(name):
     torch.testing.assert_close(flex, dense, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("keys, head_dim", [(8, 8), (24, 16)])
+def test_flex_attention_never_reads_past_the_keys_on_cpu(keys, head_dim):
+    """torch 2.13's CPU flex kernel, on AVX2 CPUs, read 8 rows past a last tile of 8 keys and
+    wrote their scores over the softmax maximum (masks.CPU_FLEX_KEY_MULTIPLE). The keys here
+    are followed in memory by NaN, so any such read shows; in a model it read whatever lay
+    there, and outputs changed from run to run."""
+    pattern = AttentionPattern(window=3, real=left_padding(2, keys, [0, 3]))
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, keys, head_dim, generator=g)
+    k, v = torch.randn(2, 2, 2, keys, head_dim, generator=g)
+    k = torch.cat([k, torch.full((2, 2, 16, head_dim), float("nan"))], dim=2)[:, :, :keys]
+    dense = attend(q, k, v, pattern.dense(keys, keys, "cpu"))
+    flex = attend(q, k, v, pattern.block_mask(keys, keys, "cpu"))
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["local_global", "documents_window_global", "prefix_window"])

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from lmforge.common import LmforgeError
 
@@ -34,6 +35,13 @@ except ImportError:  # pragma: no cover - older torch: the dense masks only
     BlockMask = create_block_mask = flex_attention = None
 
 HAS_FLEX = flex_attention is not None
+
+CPU_FLEX_KEY_MULTIPLE = 16
+"""Key count a CPU BlockMask is padded to. torch 2.13's compiled CPU flex kernel computes
+q @ k.T in tiles of 16 keys; for a last tile of 8 keys on an AVX2 CPU (8 floats a vector)
+with head dim 8 or 16, its tail path writes 16 columns and overwrites the softmax's running
+maximum, so outputs come out wrong or NaN, differently from run to run (seen on a Zen 3:
+key counts 8, 24, 40, ... failed, multiples of 16 never). With padded keys no tile has a tail."""
 
 Mask = torch.Tensor | bool
 """What SDPA takes: True = plain causal (its is_causal fast path), False = every key visible,
@@ -149,9 +157,20 @@ class AttentionPattern:
 
     def block_mask(self, T: int, S: int, device) -> BlockMask:
         """FlexAttention's BlockMask of the predicate: which (128 x 128) blocks to skip, and
-        the predicate itself for the blocks it cuts through."""
+        the predicate itself for the blocks it cuts through. On CPU its key columns run on to
+        a multiple of CPU_FLEX_KEY_MULTIPLE, hidden from every query; flex_attend pads the
+        keys and values to match."""
         B = self._batch() if self.per_row else None
-        return create_block_mask(self.predicate(), B, None, T, self.prefix + S, device=device)
+        keys = self.prefix + S
+        if torch.device(device).type != "cpu":
+            return create_block_mask(self.predicate(), B, None, T, keys, device=device)
+        visible = self.predicate()
+
+        def visible_or_padding(b, h, q_idx, kv_idx):  # padding columns: index a real key, hide
+            return visible(b, h, q_idx, kv_idx.clamp(max=keys - 1)) & (kv_idx < keys)
+
+        padded = -(-keys // CPU_FLEX_KEY_MULTIPLE) * CPU_FLEX_KEY_MULTIPLE
+        return create_block_mask(visible_or_padding, B, None, T, padded, device=device)
 
     def _batch(self) -> int:
         for t in (self.real, self.documents, self.offset):
@@ -200,6 +219,9 @@ def flex_attend(
     if q.requires_grad:
         require_flex_backward(q.device.type)
     gqa = k.size(1) != q.size(1)  # flex pairs query head h with kv head h // (nh/nkv)
+    hidden_keys = block_mask.seq_lengths[1] - k.size(2)  # block_mask's CPU key padding
+    if hidden_keys:
+        k, v = (F.pad(t, (0, 0, 0, hidden_keys)) for t in (k, v))  # (B, nkv, padded, hd)
     return compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
