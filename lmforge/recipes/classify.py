@@ -22,7 +22,6 @@ from lmforge.data.example_loader import ExampleLoader
 from lmforge.model.heads import SequenceClassifier
 from lmforge.model.peft import apply_peft, trainable_share
 from lmforge.recipes.run import load_base, run_folder
-from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import destroy_distributed, init_distributed
 from lmforge.train.losses import ClassificationLoss
 from lmforge.train.trainer import Trainer
@@ -89,8 +88,7 @@ def classify(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
             cfg, model, train_loader, val_loader.each_batch_once, run_dir, info,
             loss_fn=ClassificationLoss(), tokenizer=tokenizer, extra_eval=f1,
         )  # fmt: skip
-        if resume:
-            trainer.load_trainer_state(ckpt.resolve_checkpoint(resume))
+        trainer.resume(resume)
         counts = {name: sum(e.label == i for e in train_ex) for i, name in enumerate(labels)}
         print0(
             f"classify {run_dir}: base {base}, {len(train_ex)} train / {len(val_ex)} held-out "

@@ -91,9 +91,7 @@ def distill(
             eval_loss_fn=CausalLMLoss(), tokenizer=tokenizer,
             bytes_per_token=data.bytes_per_token, on_eval=on_eval,
         )  # fmt: skip
-        if resume:
-            trainer.load_trainer_state(ckpt.resolve_checkpoint(resume))
-            print0(f"resumed {run_dir} at step {trainer.step}")
+        trainer.resume(resume)
         print0(
             f"distill {run_dir}: student {_millions(model)} parameters ({cfg.model.preset}), "
             f"teacher {_millions(teacher)} ({teacher_dir}); "

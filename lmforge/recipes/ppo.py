@@ -152,8 +152,7 @@ def ppo(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
             extra_eval=held_out,
         )  # fmt: skip
         loader.context = context
-        if resume:
-            trainer.load_trainer_state(ckpt.resolve_checkpoint(resume))
+        trainer.resume(resume)
         trainable, total = trainable_share(model)
         print0(
             f"{p.algo} {run_dir}: policy {base}, reward {cfg.ppo.reward}; {len(train)} train / "

@@ -89,8 +89,7 @@ def _fit_pairs(
             cfg, model, train_loader, val_loader.each_batch_once, run_dir, info,
             loss_fn=make_loss(), tokenizer=tokenizer,
         )  # fmt: skip
-        if resume:
-            trainer.load_trainer_state(ckpt.resolve_checkpoint(resume))
+        trainer.resume(resume)
         print0(
             f"{verb} {run_dir}: base {base}, {len(train)} train / {len(val)} held-out pairs "
             f"({stats.identical} with chosen == rejected skipped, {stats.too_long} longer than "

@@ -84,9 +84,7 @@ def train(
             bytes_per_token=None if mlm else data.bytes_per_token,  # MLM loss is not per byte
             on_eval=on_eval,
         )
-        if resume_ckpt:
-            trainer.load_trainer_state(resume_ckpt)
-            print0(f"resumed {run_dir} from {resume_ckpt.name} (step {trainer.step})")
+        trainer.resume(resume_ckpt)
         n_params = model.num_params()
         print0(
             f"run {run_dir}: {n_params / 1e6:.2f}M parameters, device {info.device}, "

@@ -23,7 +23,6 @@ from lmforge.engine import Engine, SamplingParams
 from lmforge.model.peft import apply_peft, trainable_share
 from lmforge.recipes.run import load_base, run_folder
 from lmforge.tokenizer import END_TURN, Tokenizer
-from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import destroy_distributed, init_distributed
 from lmforge.train.losses import CausalLMLoss
 from lmforge.train.trainer import Trainer
@@ -98,9 +97,7 @@ def sft(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
             tokenizer=tokenizer,
             extra_eval=end_rate,
         )
-        if resume:
-            trainer.load_trainer_state(ckpt.resolve_checkpoint(resume))
-            print0(f"resumed {run_dir} at step {trainer.step}")
+        trainer.resume(resume)
         print0(
             f"sft {run_dir}: base {base}, {len(train_ex)} train / {len(val_ex)} held-out "
             f"conversations ({dropped} longer than block_size {block} dropped), "

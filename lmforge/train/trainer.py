@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lmforge.common import LmforgeError
+from lmforge.common import LmforgeError, print0
 from lmforge.config import Config, save_config, to_dict
 from lmforge.hardware import autocast_context, device_peak_flops, enable_tf32, pick_precision
 from lmforge.model.gpt import set_dropout
@@ -348,6 +348,15 @@ class Trainer:
         for folder in steps:
             if folder.name not in keep:
                 shutil.rmtree(folder)
+
+    def resume(self, path: str | Path | None) -> None:
+        """Go on from `--resume`: a checkpoint folder, or a run folder's latest checkpoint;
+        nothing when it is empty."""
+        if not path:
+            return
+        folder = ckpt.resolve_checkpoint(path)
+        self.load_trainer_state(folder)
+        print0(f"resumed {self.run_dir} from {folder.name} (step {self.step})")
 
     def load_trainer_state(self, folder: Path) -> None:
         """Restore everything resume needs from a checkpoint folder (weights included). A
