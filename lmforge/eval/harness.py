@@ -15,6 +15,7 @@ The numbers come from the same code as `lmforge eval`: log-likelihoods from
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections import defaultdict
 from contextlib import closing
@@ -27,6 +28,7 @@ from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import simple_parse_args_string
 
 import lmforge
+from lmforge.allocator import keep_freed_memory
 from lmforge.common import LmforgeError
 from lmforge.engine import Engine, SamplingParams
 from lmforge.eval.scoring import Scorer
@@ -182,6 +184,8 @@ def main() -> None:
     """`lm_eval ARGS` with the `lmforge` model registered (the `lmforge-lm-eval` script)."""
     from lm_eval.__main__ import cli_evaluate
 
+    keep_freed_memory()  # as in every lmforge verb: activations' memory stays for reuse
+    gc.freeze()  # the ~350k objects of the imports: full collections skip them (cli/eval.py)
     cli_evaluate()
 
 
