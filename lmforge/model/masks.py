@@ -38,10 +38,11 @@ HAS_FLEX = flex_attention is not None
 
 CPU_FLEX_KEY_MULTIPLE = 16
 """Key count a CPU BlockMask is padded to. torch 2.13's compiled CPU flex kernel computes
-q @ k.T in tiles of 16 keys; for a last tile of 8 keys on an AVX2 CPU (8 floats a vector)
-with head dim 8 or 16, its tail path writes 16 columns and overwrites the softmax's running
-maximum, so outputs come out wrong or NaN, differently from run to run (seen on a Zen 3:
-key counts 8, 24, 40, ... failed, multiples of 16 never). With padded keys no tile has a tail."""
+q @ k.T in tiles of 16 keys. For a last tile of 8 keys on an AVX2 CPU (8 floats a vector),
+with head dim 8 or 16, it takes its full-tile path: it reads 8 key rows past the tensor and
+writes 16 scores per query, the last over the softmax's running maximum. Outputs came out
+wrong or NaN, differently from run to run (a Zen 3: 8, 24, 40, 56, 72 and 120 keys failed,
+16 and 32 did not). With the keys padded no tile has a tail."""
 
 Mask = torch.Tensor | bool
 """What SDPA takes: True = plain causal (its is_causal fast path), False = every key visible,
