@@ -162,15 +162,16 @@ class AttentionPattern:
         a multiple of CPU_FLEX_KEY_MULTIPLE, hidden from every query; flex_attend pads the
         keys and values to match."""
         B = self._batch() if self.per_row else None
-        keys = self.prefix + S
-        if torch.device(device).type != "cpu":
-            return create_block_mask(self.predicate(), B, None, T, keys, device=device)
-        visible = self.predicate()
+        visible, keys = self.predicate(), self.prefix + S
+        padded = keys
+        if torch.device(device).type == "cpu":
+            padded = -(-keys // CPU_FLEX_KEY_MULTIPLE) * CPU_FLEX_KEY_MULTIPLE
+        if padded == keys:
+            return create_block_mask(visible, B, None, T, keys, device=device)
 
         def visible_or_padding(b, h, q_idx, kv_idx):  # padding columns: index a real key, hide
             return visible(b, h, q_idx, kv_idx.clamp(max=keys - 1)) & (kv_idx < keys)
 
-        padded = -(-keys // CPU_FLEX_KEY_MULTIPLE) * CPU_FLEX_KEY_MULTIPLE
         return create_block_mask(visible_or_padding, B, None, T, padded, device=device)
 
     def _batch(self) -> int:
