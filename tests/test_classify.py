@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import metrics, rerun_from_step
 
 import lmforge
 from lmforge.cli import main
@@ -94,6 +95,21 @@ def test_classify_trains_evaluates_and_loads_as_a_predictor(base, tmp_path, caps
         "polite",
         "rude",
     }
+
+
+def test_a_classify_run_resumes_in_a_new_process_with_the_same_losses(base, tmp_path, capsys):
+    data = tmp_path / "prefs.json"
+    data.write_text(json.dumps(PREFS))
+    run = tmp_path / "r"
+    extra = ["--train.max_steps=4", "--train.ckpt_interval=2", "--train.log_interval=1"]
+    assert _run(base, data, tmp_path, "r", *extra, "--model.dropout=0.1") == 0
+    rows = metrics(run)
+    resumed = rerun_from_step(run, "classify", 2)
+    losses = lambda rs: [(r["step"], r["loss"]) for r in rs if "loss" in r]  # noqa: E731
+    assert losses(resumed) == losses(rows) and len(losses(rows)) == 4
+    assert [r["val_accuracy"] for r in resumed if "val_accuracy" in r] == [
+        r["val_accuracy"] for r in rows if "val_accuracy" in r and r["step"] > 2
+    ]
 
 
 def test_freeze_base_trains_only_the_head_and_the_pooling_is_kept(base, tmp_path, capsys):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import metrics, rerun_from_step
 from torch import nn
 
 import lmforge
@@ -171,6 +172,17 @@ def test_the_cli_trains_a_student_that_loads_and_generates(teacher, tmp_path):
     params = SamplingParams(max_new_tokens=5, temperature=0)
     (ids,) = Engine(model).generate([tok.encode("ROMEO:")], params)
     assert len(ids) == 5
+
+
+def test_a_distill_run_resumes_in_a_new_process_with_the_same_losses(teacher, tmp_path):
+    args = ["distill", "--teacher", str(teacher), "--student-preset", "tiny"]
+    args += [f"--run.dir={tmp_path}", "--run.name=s", "--model.n_layer=1"]
+    args += [f"--train.{k}={v}" for k, v in TRAIN.items()] + ["--run.tensorboard=false"]
+    assert main([*args, "--train.ckpt_interval=2", "--model.dropout=0.1"]) == 0
+    rows = metrics(tmp_path / "s")
+    resumed = rerun_from_step(tmp_path / "s", "distill", 2)
+    figures = lambda rs: [(r["step"], r["loss"], r["kd_kl"]) for r in rs if "loss" in r]  # noqa: E731
+    assert figures(resumed) == figures(rows) and len(figures(rows)) == 4
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import metrics, rerun_from_step
 
 import lmforge
 from lmforge.chat import render_conversation
@@ -222,13 +223,10 @@ def _ppo_argv(files, tmp_path, name: str, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
 def test_a_run_saves_a_plain_policy_and_resumes_in_a_new_process(algo, files, tmp_path, capsys):
-    import subprocess
-    import sys
-
     run = tmp_path / algo
     argv = _ppo_argv(files, tmp_path, algo, f"--algo={algo}", "--train.ckpt_interval=2")
     assert main(argv) == 0, capsys.readouterr().err
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(run)
     assert rows[0]["step"] == 0 and "val_reward" in rows[0] and rows[0]["val_kl"] == 0
     step = run / "checkpoints" / "step_0000004"
     assert (step / "value_head.safetensors").is_file() == (algo == "ppo")
@@ -236,14 +234,7 @@ def test_a_run_saves_a_plain_policy_and_resumes_in_a_new_process(algo, files, tm
     assert type(model) is GPT  # generation, eval and export take it as it is
     assert (run / "report" / "loss.png").is_file()
 
-    (run / "checkpoints" / "latest").write_text("step_0000002\n")
-    (run / "metrics.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= 2 and "loss" in r)
-    )
-    resume = [sys.executable, "-m", "lmforge", "ppo", f"--resume={run}"]
-    proc = subprocess.run(resume, capture_output=True, text=True, timeout=300)  # a new process
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    resumed = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    resumed = rerun_from_step(run, "ppo", 2)
     figures = lambda rs: [(r["step"], r["loss"], r["reward"]) for r in rs if "loss" in r]  # noqa: E731
     assert figures(resumed) == figures(rows) and len(figures(rows)) == 4
 

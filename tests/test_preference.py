@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import metrics, rerun_from_step
 
 import lmforge
 from lmforge.cli import main
@@ -237,9 +238,6 @@ def test_best_of_n_refuses_a_non_reward_model_and_another_tokenizer(
 def test_a_preference_run_resumes_in_a_new_process_with_the_same_losses(
     verb, base, data, tmp_path, capsys
 ):
-    import subprocess
-    import sys
-
     run = tmp_path / verb
     argv = [verb, "--base", str(base), "--data", str(data), f"--run.dir={tmp_path}",
             f"--run.name={verb}", "--train.max_steps=4", "--train.ckpt_interval=2",
@@ -247,14 +245,7 @@ def test_a_preference_run_resumes_in_a_new_process_with_the_same_losses(
             "--train.eval_interval=4", "--train.micro_batch_size=4", "--train.lr=1e-3",
             "--run.tensorboard=false", "--train.precision=fp32"]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    (run / "checkpoints" / "latest").write_text("step_0000002\n")
-    (run / "metrics.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= 2 and "loss" in r)
-    )
-    resume = [sys.executable, "-m", "lmforge", verb, f"--resume={run}"]
-    proc = subprocess.run(resume, capture_output=True, text=True, timeout=300)  # a new process
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    resumed = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(run)
+    resumed = rerun_from_step(run, verb, 2)
     losses = lambda rs: [(r["step"], r["loss"]) for r in rs if "loss" in r]  # noqa: E731
     assert losses(resumed) == losses(rows) and len(losses(rows)) >= 2

@@ -4,12 +4,11 @@ bucketed batches giving the same loss, `lmforge sft` end to end, and bad input."
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import metrics, rerun_from_step
 
 from lmforge.cli import main
 from lmforge.config import model_config
@@ -187,19 +186,8 @@ def test_peft_sft_writes_adapter_checkpoints_that_load_and_resume(base, tmp_path
     base_model, _ = lmforge.load(base)
     assert not torch.equal(module(ids), base_model(ids))  # the adapter changed the outputs
     # resume from step 2 in a new process: the same losses as the uninterrupted run
-    rows = [
-        json.loads(line) for line in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()
-    ]
-    (tmp_path / "p" / "checkpoints" / "latest").write_text("step_0000002\n")
-    (tmp_path / "p" / "metrics.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= 2 and "loss" in r)
-    )
-    resume = [sys.executable, "-m", "lmforge", "sft", f"--resume={tmp_path / 'p'}"]
-    proc = subprocess.run(resume, capture_output=True, text=True, timeout=300)  # a new process
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    resumed = [
-        json.loads(line) for line in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()
-    ]
+    rows = metrics(tmp_path / "p")
+    resumed = rerun_from_step(tmp_path / "p", "sft", 2)
     losses = lambda rs: [(r["step"], r["loss"]) for r in rs if "loss" in r]  # noqa: E731
     assert losses(resumed) == losses(rows)
 
