@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ from safetensors.torch import save_file
 from lmforge.common import LmforgeError
 from lmforge.config import SourceConfig
 from lmforge.model.hf import read_hf_weights
-from lmforge.train.checkpoint import latest_checkpoint, set_latest
+from lmforge.train.checkpoint import latest_checkpoint, resolve_checkpoint, set_pointer
 
 
 def test_contained_keeps_names_inside_their_folder(tmp_path):
@@ -111,8 +112,15 @@ def test_latest_pointer_cannot_leave_the_checkpoints_folder(tmp_path, target):
         latest_checkpoint(tmp_path / "run")
 
 
-def test_set_latest_round_trips_atomically(tmp_path):
+def test_set_pointer_round_trips_atomically_and_pointer_files_resolve(tmp_path):
     step = _fake_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000010")
-    set_latest(step)
-    assert latest_checkpoint(tmp_path / "run") == step
-    assert sorted(os.listdir(step.parent)) == ["latest", "step_0000010"]
+    other = _fake_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000020")
+    set_pointer(step, "best")
+    set_pointer(other)
+    assert latest_checkpoint(tmp_path / "run") == other == resolve_checkpoint(tmp_path / "run")
+    assert resolve_checkpoint(step.parent / "best") == step
+    assert resolve_checkpoint(step.parent / "latest") == other
+    assert sorted(os.listdir(step.parent)) == ["best", "latest", "step_0000010", "step_0000020"]
+    shutil.rmtree(step)
+    with pytest.raises(LmforgeError, match="names no complete checkpoint"):
+        resolve_checkpoint(step.parent / "best")

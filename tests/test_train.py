@@ -786,16 +786,34 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(text_file, tmp_path):
     assert state["step"] >= 3
 
 
-def test_keeps_the_last_k_and_the_best_checkpoint(text_file, tmp_path):
-    cfg = tiny_cfg(text_file, tmp_path, keep_last=2)
+@pytest.mark.parametrize(
+    "metric, evaluations, best",
+    [  # one evaluation per step, None: no evaluation at that step's checkpoint
+        ("val_loss", [3.0, 2.0, None, 2.5, 2.0, 4.0], 2),
+        ("val_accuracy", [0.5, 0.7, 0.9, 0.95, 0.95, 0.6], 4),  # a tie keeps the first
+    ],
+)
+def test_keeps_the_last_k_and_the_best_checkpoint(text_file, tmp_path, metric, evaluations, best):
+    cfg = tiny_cfg(text_file, tmp_path, keep_last=2, best_metric=metric)
     trainer = make_trainer(cfg, torch.randint(0, 65, (3000,)), tmp_path / "run")
-    trainer.best_step = 1
-    for _ in range(5):
+    for value in evaluations:
         trainer.train_step()
+        if value is not None:  # an evaluation of an earlier step does not judge this one
+            trainer.last_eval = {"step": trainer.step, metric: value}
         trainer.save_checkpoint()
     names = sorted(p.name for p in trainer.ckpt_root.glob("step_*"))
-    assert names == ["step_0000001", "step_0000004", "step_0000005"]
-    assert (trainer.ckpt_root / "latest").read_text().strip() == "step_0000005"
+    assert names == [f"step_{best:07d}", "step_0000005", "step_0000006"]
+    assert (trainer.ckpt_root / "latest").read_text().strip() == "step_0000006"
+    assert ckpt.resolve_checkpoint(trainer.ckpt_root / "best").name == f"step_{best:07d}"
+
+
+def test_a_best_metric_the_run_does_not_report_is_one_line(text_file, tmp_path, capsys):
+    argv = ["train", f"--data.path={text_file}", f"--run.dir={tmp_path}", "--model.preset=tiny"]
+    argv += ["--train.max_steps=2", "--train.eval_interval=2", "--train.eval_steps=1"]
+    err = error_line(capsys, [*argv, "--train.best_metric=val_accuracy"])
+    assert "train.best_metric='val_accuracy' is not among" in err and "val_loss" in err
+    err = error_line(capsys, [*argv, "--train.best_metric=loss"])
+    assert "must name an evaluation figure" in err
 
 
 def _params_after(cfg, tokens, run_dir, steps=2) -> torch.Tensor:

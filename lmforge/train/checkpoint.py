@@ -59,6 +59,8 @@ TRAINER_STATE = "trainer_state.pt"
 SHARDED = "sharded"
 """Sharded runs: model and optimizer states in DCP's format, what resume at any layout needs."""
 LATEST = "latest"
+BEST = "best"
+POINTERS = (LATEST, BEST)
 
 
 def save_checkpoint(
@@ -351,10 +353,16 @@ def load_plain(path: str | Path, merge: bool = False) -> tuple[GPT, Tokenizer | 
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder (-> its `latest` checkpoint)."""
+    """A checkpoint folder, a run folder (-> its `latest` checkpoint), or a run's
+    `checkpoints/latest` or `checkpoints/best` pointer file (-> the checkpoint it names)."""
     path = Path(path)
     if is_checkpoint(path):
         return path
+    if path.name in POINTERS and path.is_file():
+        target = _followed(path)
+        if target is None:
+            raise LmforgeError(f"{path} names no complete checkpoint")
+        return target
     latest = latest_checkpoint(path)
     if latest is not None:
         return latest
@@ -365,7 +373,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The checkpoint a run folder's `checkpoints/latest` pointer names, if it is complete."""
-    pointer = Path(run_dir) / "checkpoints" / LATEST
+    return _followed(Path(run_dir) / "checkpoints" / LATEST)
+
+
+def _followed(pointer: Path) -> Path | None:
+    """The checkpoint a pointer file names, if the file exists and the checkpoint is complete."""
     if not pointer.is_file():
         return None
     name = pointer.read_text(encoding="utf-8", errors="replace").strip()
@@ -376,6 +388,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return target if is_checkpoint(target) else None
 
 
-def set_latest(folder: Path) -> None:
-    """Point the run's `latest` file at `folder` (a sibling checkpoint), atomically."""
-    atomic_write_text(folder.parent / LATEST, folder.name + "\n")
+def set_pointer(folder: Path, pointer: str = LATEST) -> None:
+    """Point the run's `latest` (or `best`) file at `folder` (a sibling checkpoint),
+    atomically."""
+    atomic_write_text(folder.parent / pointer, folder.name + "\n")

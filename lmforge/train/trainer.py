@@ -152,8 +152,9 @@ class Trainer:
             self.average = WeightAverage(named, self.tcfg.ema_decay)
         self.step = 0  # optimizer steps taken
         self.tokens = 0  # input tokens seen, all ranks
-        self.best_val = math.inf
-        self.best_step: int | None = None
+        self.best_val = math.inf  # train.best_metric, as lower-is-better
+        self.best_step: int | None = None  # the checkpoint `checkpoints/best` names
+        self.last_eval: dict[str, Any] = {}
         self._dropout_on: bool | None = None  # late dropout's state (train.dropout_start)
         self.bad_steps = 0
         self._stop_signal: str | None = None
@@ -330,14 +331,35 @@ class Trainer:
             barrier()
             ckpt.save_sharded_state(staging, self.model, self.optimizers)
             model = ckpt.gather_model(self.model, self.cfg)
+        improved = self._best_so_far()
         if self.dist.is_main:
             state = self.trainer_state()
             with self._averaged_weights(state.get("trained_weights")):  # copied once, not twice
                 ckpt.save_checkpoint(folder, model, self.cfg, self.tokenizer, state, staging)
-            ckpt.set_latest(folder)
+            ckpt.set_pointer(folder)
+            if improved:
+                ckpt.set_pointer(folder, ckpt.BEST)
             self._prune()
         barrier()  # no rank reads or writes checkpoints before this one is complete
         return folder if self.dist.is_main else None
+
+    def _best_so_far(self) -> bool:
+        """Whether this step's evaluation (if it has one) beats every earlier checkpoint's
+        train.best_metric; if so it becomes the best."""
+        if self.last_eval.get("step") != self.step:
+            return False
+        name = self.tcfg.best_metric
+        if name not in self.last_eval:
+            figures = ", ".join(k for k in self.last_eval if k.startswith("val_"))
+            raise LmforgeError(
+                f"train.best_metric={name!r} is not among this run's evaluation figures: {figures}"
+            )
+        lower_is_better = name.rsplit("_", 1)[-1] in ("loss", "ppl", "bpb", "kl")
+        value = self.last_eval[name] if lower_is_better else -self.last_eval[name]
+        if value < self.best_val:
+            self.best_val, self.best_step = value, self.step
+            return True
+        return False
 
     def _prune(self) -> None:
         keep = {f"step_{self.step:07d}"}
@@ -535,9 +557,7 @@ class Trainer:
         with self._averaged_weights():
             row = self.evaluate()
         row["elapsed_s"] = time.perf_counter() - start
-        val_loss = row.get("val_loss", math.inf)
-        if self.step > 0 and val_loss < self.best_val:  # step 0 has no checkpoint
-            self.best_val, self.best_step = val_loss, self.step
+        self.last_eval = row
         self._log(row, force_print=True)
         return row
 
