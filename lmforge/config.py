@@ -405,11 +405,12 @@ class TrainConfig:
     """Steps between checkpoints (one is always written at the end)."""
     keep_last: int = 2
     """Checkpoints kept besides the best one."""
-    best_metric: str = "val_loss"
+    best_metric: str | None = None
     """The evaluation figure that picks the best checkpoint (`checkpoints/best`, kept from
     pruning) among those written at an evaluation: lower is better for a loss, perplexity,
     bits per byte or KL (val_loss, val_ppl, val_bpb, val_kl), higher for anything else
-    (val_accuracy, val_f1, val_reward...)."""
+    (val_accuracy, val_f1, val_reward...). null: val_loss, or val_reward for `lmforge ppo`,
+    whose held-out figures have no loss."""
     max_minutes: float | None = None
     """Stop cleanly (final eval and checkpoint) after this much training wall time; null or 0 =
     no limit (`lmforge train` with no arguments, the default job, sets 5)."""
@@ -440,7 +441,7 @@ class TrainConfig:
         ):
             _check_positive(f"train.{name}", getattr(self, name))
         _check_positive("train.eval_steps", self.eval_steps, allow_zero=True)
-        if not self.best_metric.startswith("val_"):
+        if self.best_metric is not None and not self.best_metric.startswith("val_"):
             raise LmforgeError(
                 f"train.best_metric={self.best_metric!r} must name an evaluation figure "
                 "(val_loss, val_accuracy, ...)"

@@ -233,6 +233,8 @@ def test_a_run_saves_a_plain_policy_and_resumes_in_a_new_process(algo, files, tm
     model, _ = lmforge.load(step)
     assert type(model) is GPT  # generation, eval and export take it as it is
     assert (run / "report" / "loss.png").is_file()
+    best = max((r["val_reward"], -r["step"]) for r in rows if r["step"] > 0 and "val_reward" in r)
+    assert (run / "checkpoints" / "best").read_text().strip() == f"step_{-best[1]:07d}"
 
     resumed = rerun_from_step(run, "ppo", 2)
     figures = lambda rs: [(r["step"], r["loss"], r["reward"]) for r in rs if "loss" in r]  # noqa: E731

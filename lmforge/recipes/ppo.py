@@ -110,6 +110,7 @@ def check_settings(cfg: Config) -> None:
 def ppo(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     """PPO or GRPO (cfg.ppo.algo) on cfg.run.base's policy (or continue the run `resume`)."""
     check_settings(cfg)
+    cfg.train.best_metric = cfg.train.best_metric or "val_reward"  # no held-out loss here
     info = init_distributed(cfg.run.device, cfg.train.parallel, "lmforge ppo")
     try:
         seed_everything(cfg.train.seed)

@@ -152,7 +152,8 @@ class Trainer:
             self.average = WeightAverage(named, self.tcfg.ema_decay)
         self.step = 0  # optimizer steps taken
         self.tokens = 0  # input tokens seen, all ranks
-        self.best_val = math.inf  # train.best_metric, as lower-is-better
+        self.best_metric = self.tcfg.best_metric or "val_loss"
+        self.best_val = math.inf  # best_metric, as lower-is-better
         self.best_step: int | None = None  # the checkpoint `checkpoints/best` names
         self.last_eval: dict[str, Any] = {}
         self._dropout_on: bool | None = None  # late dropout's state (train.dropout_start)
@@ -348,12 +349,7 @@ class Trainer:
         train.best_metric; if so it becomes the best."""
         if self.last_eval.get("step") != self.step:
             return False
-        name = self.tcfg.best_metric
-        if name not in self.last_eval:
-            figures = ", ".join(k for k in self.last_eval if k.startswith("val_"))
-            raise LmforgeError(
-                f"train.best_metric={name!r} is not among this run's evaluation figures: {figures}"
-            )
+        name = self.best_metric
         lower_is_better = name.rsplit("_", 1)[-1] in ("loss", "ppl", "bpb", "kl")
         value = self.last_eval[name] if lower_is_better else -self.last_eval[name]
         if value < self.best_val:
@@ -557,6 +553,12 @@ class Trainer:
         with self._averaged_weights():
             row = self.evaluate()
         row["elapsed_s"] = time.perf_counter() - start
+        if self.best_metric not in row:  # said at the first evaluation, before training
+            figures = ", ".join(k for k in row if k.startswith("val_"))
+            raise LmforgeError(
+                f"train.best_metric={self.best_metric!r} is not among this run's evaluation "
+                f"figures: {figures}"
+            )
         self.last_eval = row
         self._log(row, force_print=True)
         return row
