@@ -43,18 +43,23 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _page_faults(keep: str) -> int:
-    """Minor page faults of 5 forwards (8 x 256 tokens, MB-sized activations) after one."""
+def _page_faults(keep: str, runs: int = 3) -> int:
+    """Minor page faults of 5 forwards (8 x 256 tokens, MB-sized activations) after one: the
+    median of `runs` processes, since one process's count depends on where its heap happens
+    to lie (measured on one machine: 3-2,020 kept against 7,143-30,501 released)."""
     env = {k: v for k, v in os.environ.items() if k not in GLIBC_ENV} | {KEEP_ENV: keep}
-    out = subprocess.run(
-        [sys.executable, "-c", FORWARDS], env=env, capture_output=True, text=True, check=True
-    )
-    return int(out.stdout.split()[-1])
+    counts = []
+    for _ in range(runs):
+        out = subprocess.run(
+            [sys.executable, "-c", FORWARDS], env=env, capture_output=True, text=True, check=True
+        )
+        counts.append(int(out.stdout.split()[-1]))
+    return sorted(counts)[runs // 2]
 
 
 def test_kept_memory_spares_the_page_faults_of_every_forward():
     released, kept = _page_faults("0"), _page_faults("1")
-    assert kept * 5 < released, (kept, released)  # measured: ~1k against 16k-31k
+    assert kept * 5 < released, (kept, released)  # medians measured: ~1k against 11k-30k
 
 
 def test_the_users_own_setting_wins(monkeypatch):
