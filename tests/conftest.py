@@ -94,7 +94,7 @@ def text_file(tmp_path_factory) -> Path:
     return path
 
 
-def metrics(run: Path) -> list[dict]:
+def read_metrics(run: Path) -> list[dict]:
     """A run folder's metrics.jsonl rows."""
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -103,7 +103,7 @@ def rerun_from_step(run: Path, verb: str, step: int) -> list[dict]:
     """Rewind a finished run to its checkpoint at `step` (the `latest` pointer and the
     metrics rows after it), run `lmforge VERB --resume=RUN` in a new process, and return the
     metrics rows it ends with: the resumed steps' losses should equal the uninterrupted run's."""
-    rows = metrics(run)
+    rows = read_metrics(run)
     (run / "checkpoints" / "latest").write_text(f"step_{step:07d}\n")
     kept = [r for r in rows if r["step"] <= step and "loss" in r]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -111,7 +111,7 @@ def rerun_from_step(run: Path, verb: str, step: int) -> list[dict]:
     proc = subprocess.run(resume, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"from step_{step:07d} (step {step})" in proc.stdout, proc.stdout[-2000:]
-    return metrics(run)
+    return read_metrics(run)
 
 
 def torchrun(nproc: int, *argv: str, cwd: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import metrics, rerun_from_step
+from conftest import read_metrics, rerun_from_step
 
 import lmforge
 from lmforge.cli import main
@@ -82,7 +82,7 @@ def test_classify_trains_evaluates_and_loads_as_a_predictor(base, tmp_path, caps
     data = tmp_path / "prefs.json"
     data.write_text(json.dumps(PREFS))
     assert _run(base, data, tmp_path, "full") == 0, capsys.readouterr().err
-    rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "full")
     evals = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in evals] == [0, 30]
     assert all(0 <= r["val_accuracy"] <= 1 and 0 <= r["val_f1"] <= 1 for r in evals)
@@ -103,7 +103,7 @@ def test_a_classify_run_resumes_in_a_new_process_with_the_same_losses(base, tmp_
     run = tmp_path / "r"
     extra = ["--train.max_steps=4", "--train.ckpt_interval=2", "--train.log_interval=1"]
     assert _run(base, data, tmp_path, "r", *extra, "--model.dropout=0.1") == 0
-    rows = metrics(run)
+    rows = read_metrics(run)
     resumed = rerun_from_step(run, "classify", 2)
     losses = lambda rs: [(r["step"], r["loss"]) for r in rs if "loss" in r]  # noqa: E731
     assert losses(resumed) == losses(rows) and len(losses(rows)) == 4

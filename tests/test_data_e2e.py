@@ -3,10 +3,11 @@ prepare` -> `lmforge train` 20 steps on the prepared folder -> the training loss
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,10 +54,7 @@ def test_prepare_then_train_20_steps_loss_falls(tmp_path):
         "--run.sample_tokens=0",
     ]
     lmforge(*train_args, "--run.name=e2e", timeout=240)
-    rows = [
-        json.loads(line)
-        for line in (tmp_path / "runs" / "e2e" / "metrics.jsonl").read_text().splitlines()
-    ]
+    rows = read_metrics(tmp_path / "runs" / "e2e")
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) >= 10
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses

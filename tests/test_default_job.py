@@ -5,12 +5,12 @@ its 5-minute limit. Slow (minutes): left out of CI; run it with
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
 
 import pytest
+from conftest import read_metrics
 
 
 @pytest.mark.slow
@@ -21,7 +21,7 @@ def test_default_job_reaches_1_45_nats_per_character_within_5_minutes(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     (run,) = (tmp_path / "runs").iterdir()
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run)
     evals = [r for r in rows if "val_loss" in r]
     assert evals[0]["step"] == 0  # the baseline
     # the job's tokens are BPE pieces: bits per byte x ln 2 is nats per character (ASCII text)

@@ -4,14 +4,13 @@ pretraining, a teacher that never changes, the CLI end to end, and one-line erro
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import metrics, rerun_from_step
+from conftest import read_metrics, rerun_from_step
 from torch import nn
 
 import lmforge
@@ -65,10 +64,6 @@ def student_cfg(teacher: Path, run_dir: Path, name: str, *overrides: str):
         + [f"--train.{k}={v}" for k, v in TRAIN.items()]
         + [f"--run.{k}={v}" for k, v in RUN.items()],
     )
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 class Fixed(nn.Module):
@@ -179,7 +174,7 @@ def test_a_distill_run_resumes_in_a_new_process_with_the_same_losses(teacher, tm
     args += [f"--run.dir={tmp_path}", "--run.name=s", "--model.n_layer=1"]
     args += [f"--train.{k}={v}" for k, v in TRAIN.items()] + ["--run.tensorboard=false"]
     assert main([*args, "--train.ckpt_interval=2", "--model.dropout=0.1"]) == 0
-    rows = metrics(tmp_path / "s")
+    rows = read_metrics(tmp_path / "s")
     resumed = rerun_from_step(tmp_path / "s", "distill", 2)
     figures = lambda rs: [(r["step"], r["loss"], r["kd_kl"]) for r in rs if "loss" in r]  # noqa: E731
     assert figures(resumed) == figures(rows) and len(figures(rows)) == 4

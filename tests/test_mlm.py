@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import read_metrics
 
 import lmforge
 from lmforge.cli import main
@@ -211,7 +212,7 @@ def _train(data: Path, run_dir: Path, name: str, *extra: str) -> int:
 
 
 def _evals(run: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run)
     return [r for r in rows if "val_loss" in r]
 
 

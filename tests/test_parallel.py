@@ -5,12 +5,11 @@ parallel (FSDP2), hybrid sharding, tensor parallel (alone and under FSDP) and pi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import torchrun
+from conftest import read_metrics, torchrun
 
 from lmforge.cli import main
 from lmforge.common import LmforgeError
@@ -51,7 +50,7 @@ def _args(text_file: Path, run_dir: Path, name: str, world: int, *extra: str) ->
 def _losses(run_dir: Path) -> dict[tuple[str, int], float]:
     """{(key, step): value} of train loss, gradient norm (before clipping, over all shards)
     and val_loss; a resumed step's row replaces the first run's."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir)
     keys = ("loss", "grad_norm", "val_loss")
     return {(k, r["step"]): r[k] for r in rows for k in keys if k in r}
 

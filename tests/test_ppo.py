@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import metrics, rerun_from_step
+from conftest import read_metrics, rerun_from_step
 
 import lmforge
 from lmforge.chat import render_conversation
@@ -190,7 +190,7 @@ def test_a_toy_reward_is_driven_up_while_the_kl_stays_bounded(algo, tok, prompts
     loader = make_loader(tok, prompts, cfg, model, copy.deepcopy(policy))
     loss = PPOLoss(kl_coef=0.3 if algo == "grpo" else 0.0)
     Trainer(cfg, model, loader, None, tmp_path, init_distributed("cpu"), loss_fn=loss).fit()
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path)
     rewards = [r["reward"] for r in rows if "reward" in r]
     assert max(r["kl"] for r in rows if "kl" in r) <= 10.0
     assert sum(rewards[-8:]) / 8 >= rewards[0] + 1.5, rewards  # the last rollout vs the first
@@ -226,7 +226,7 @@ def test_a_run_saves_a_plain_policy_and_resumes_in_a_new_process(algo, files, tm
     run = tmp_path / algo
     argv = _ppo_argv(files, tmp_path, algo, f"--algo={algo}", "--train.ckpt_interval=2")
     assert main(argv) == 0, capsys.readouterr().err
-    rows = metrics(run)
+    rows = read_metrics(run)
     assert rows[0]["step"] == 0 and "val_reward" in rows[0] and rows[0]["val_kl"] == 0
     step = run / "checkpoints" / "step_0000004"
     assert (step / "value_head.safetensors").is_file() == (algo == "ppo")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import metrics, rerun_from_step
+from conftest import read_metrics, rerun_from_step
 
 import lmforge
 from lmforge.cli import main
@@ -105,7 +105,7 @@ def test_dpo_trains_the_policy_and_never_the_reference(base, data, tmp_path, cap
     assert all(torch.equal(after[k], v) for k, v in seen["before"].items())
     policy, _ = lmforge.load(tmp_path / "dpo")
     assert not all(torch.equal(policy.state_dict()[k], v) for k, v in seen["before"].items())
-    rows = [json.loads(x) for x in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "dpo")
     evals = [r for r in rows if "val_loss" in r]
     assert evals[0]["step"] == 0 and evals[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert {"val_accuracy", "val_margin", "val_kl"} <= set(evals[-1])
@@ -245,7 +245,7 @@ def test_a_preference_run_resumes_in_a_new_process_with_the_same_losses(
             "--train.eval_interval=4", "--train.micro_batch_size=4", "--train.lr=1e-3",
             "--run.tensorboard=false", "--train.precision=fp32"]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
-    rows = metrics(run)
+    rows = read_metrics(run)
     resumed = rerun_from_step(run, verb, 2)
     losses = lambda rs: [(r["step"], r["loss"]) for r in rs if "loss" in r]  # noqa: E731
     assert losses(resumed) == losses(rows) and len(losses(rows)) >= 2

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import metrics, rerun_from_step
+from conftest import read_metrics, rerun_from_step
 
 from lmforge.cli import main
 from lmforge.config import model_config
@@ -108,9 +108,7 @@ def test_sft_trains_and_evaluates_from_step_0(base, tmp_path, capsys):
         "--run.tensorboard=false", "--train.precision=fp32",
     ]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
-    rows = [
-        json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()
-    ]
+    rows = read_metrics(tmp_path / "s")
     evals = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in evals] == [0, 30]
     assert all(0 <= r["val_end_rate"] <= 1 for r in evals)
@@ -186,7 +184,7 @@ def test_peft_sft_writes_adapter_checkpoints_that_load_and_resume(base, tmp_path
     base_model, _ = lmforge.load(base)
     assert not torch.equal(module(ids), base_model(ids))  # the adapter changed the outputs
     # resume from step 2 in a new process: the same losses as the uninterrupted run
-    rows = metrics(tmp_path / "p")
+    rows = read_metrics(tmp_path / "p")
     resumed = rerun_from_step(tmp_path / "p", "sft", 2)
     losses = lambda rs: [(r["step"], r["loss"]) for r in rs if "loss" in r]  # noqa: E731
     assert losses(resumed) == losses(rows)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import error_line, torchrun
+from conftest import error_line, read_metrics, torchrun
 from safetensors.torch import load_file, save_file
 
 from lmforge.cli import main
@@ -50,10 +50,6 @@ def tiny_cfg(text_file: Path, run_dir: Path, **train) -> object:
         },
     }
     return build_config(overrides)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def make_trainer(cfg, tokens: torch.Tensor, run_dir: Path, loss_fn=None) -> Trainer:
